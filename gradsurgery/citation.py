@@ -1,0 +1,29 @@
+"""BibTeX for the library and for every method it implements."""
+
+from __future__ import annotations
+
+from .methods import cagrad, mgda, pcgrad
+
+LIBRARY_BIBTEX = """@software{gradsurgery,
+  title  = {gradsurgery: Gradient Surgery for Joint Training in PyTorch},
+  author = {{The gradsurgery developers}},
+  year   = {2026},
+  version = {0.1.0},
+  license = {MIT}
+}"""
+
+METHOD_BIBTEX: dict[str, str] = {"PCGrad": pcgrad.BIBTEX, "CAGrad": cagrad.BIBTEX, "MGDA": mgda.BIBTEX}
+
+
+def bibtex(method: str | None = None) -> str:
+    """The library's BibTeX and every method's, or only the named method's (``"PCGrad"``, ...)."""
+    if method is None:
+        return "\n\n".join([LIBRARY_BIBTEX, *METHOD_BIBTEX.values()])
+    if method not in METHOD_BIBTEX:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_BIBTEX)}")
+    return METHOD_BIBTEX[method]
+
+
+def cite(method: str | None = None) -> None:
+    """Print the BibTeX to cite: the library and every method, or only ``method``."""
+    print(bibtex(method))

@@ -1,0 +1,165 @@
+"""Functional API: ``J (T, P) → d (P,)`` and ``G (T, T) → w (T,)``.
+
+Each ``J`` function is Gram → weights → combine: two passes over ``J`` and a ``T × T`` solve. The
+``*_weights`` functions take the Gram matrix directly. Keyword names and defaults match the wrappers.
+
+Inputs are checked for NaN/Inf through the Gram matrix's diagonal (``T`` values, no extra pass over
+``J``); that check is the one host synchronisation of these functions. A non-finite input raises
+:class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import backend as _backend
+from .errors import NonFiniteGradientError
+from .methods import cagrad as _cagrad
+from .methods import mgda as _mgda
+from .methods import pcgrad as _pcgrad
+from .methods._common import check_gram, check_reduction
+from .methods._simplex import DEFAULT_ITERATIONS
+
+Losses = torch.Tensor | Sequence[float] | None
+
+__all__ = ["aggregate", "cagrad", "cagrad_weights", "gram", "mgda", "mgda_weights", "pcgrad", "pcgrad_weights"]
+
+
+def gram(J: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``G = J Jᵀ`` (fp32 accumulation; fp64 for fp64 ``J``)."""
+    _check_J(J)
+    return _backend.gram(J, backend=backend)
+
+
+def aggregate(
+    J: torch.Tensor,
+    weights_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``."""
+    _check_J(J)
+    _backend.check_backend(backend, J.device)
+    G = _backend.gram(J, backend=backend)
+    check_finite_gram(G)
+    w = weights_of(G)
+    if out is None:
+        out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+    return _backend.combine(w, J, out, backend=backend)
+
+
+def pcgrad(
+    J: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """PCGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.pcgrad`)."""
+    check_reduction(reduction)
+    return aggregate(J, lambda G: _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction), out=out, backend=backend)
+
+
+def cagrad(
+    J: torch.Tensor,
+    *,
+    c: float = 0.4,
+    rescale: str | None = "1+c^2",
+    reduction: str = "sum",
+    max_iter: int = DEFAULT_ITERATIONS,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CAGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.cagrad`)."""
+    _cagrad.check_cagrad_options(c, rescale)
+    check_reduction(reduction)
+
+    def weights_of(G: torch.Tensor) -> torch.Tensor:
+        return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter)
+
+    return aggregate(J, weights_of, out=out, backend=backend)
+
+
+def mgda(
+    J: torch.Tensor,
+    *,
+    normalization: str = "none",
+    losses: Losses = None,
+    reduction: str = "sum",
+    max_iter: int = DEFAULT_ITERATIONS,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MGDA update of the rows of ``J`` (see :mod:`gradsurgery.methods.mgda`)."""
+    _mgda.check_normalization(normalization)
+    check_reduction(reduction)
+    if normalization in ("loss", "loss+") and losses is None:
+        raise ValueError(f'normalization="{normalization}" needs the loss values: pass losses=')
+
+    def weights_of(G: torch.Tensor) -> torch.Tensor:
+        return _mgda.mgda_weights(G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter)
+
+    return aggregate(J, weights_of, out=out, backend=backend)
+
+
+def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum") -> torch.Tensor:
+    """PCGrad weights from the Gram matrix."""
+    _check_G(G)
+    return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction)
+
+
+def cagrad_weights(
+    G: torch.Tensor,
+    *,
+    c: float = 0.4,
+    rescale: str | None = "1+c^2",
+    reduction: str = "sum",
+    max_iter: int = DEFAULT_ITERATIONS,
+) -> torch.Tensor:
+    """CAGrad weights from the Gram matrix."""
+    _check_G(G)
+    return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter)
+
+
+def mgda_weights(
+    G: torch.Tensor,
+    *,
+    normalization: str = "none",
+    losses: Losses = None,
+    reduction: str = "sum",
+    max_iter: int = DEFAULT_ITERATIONS,
+) -> torch.Tensor:
+    """MGDA weights from the Gram matrix."""
+    _check_G(G)
+    return _mgda.mgda_weights(G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter)
+
+
+def check_finite_gram(G: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the tasks whose Gram row holds NaN/Inf (host sync)."""
+    bad = ~torch.isfinite(G).all(dim=1)
+    if bool(bad.any()):
+        tasks = bad.nonzero().flatten().tolist()
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN/Inf, or a squared norm that overflows {G.dtype}) for task(s) {tasks}",
+            tasks=tasks,
+        )
+
+
+def _check_J(J: torch.Tensor) -> None:
+    if not isinstance(J, torch.Tensor):
+        raise TypeError(f"J must be a torch.Tensor, got {type(J).__name__}")
+    if J.dim() != 2:
+        raise ValueError(f"J must be 2-D (T, P), got shape {tuple(J.shape)}")
+    if J.shape[0] == 0:
+        raise ValueError("J has T = 0 rows: there must be at least one task")
+    if not J.dtype.is_floating_point:
+        raise ValueError(f"J must be floating point, got dtype {J.dtype}")
+
+
+def _check_G(G: torch.Tensor) -> None:
+    check_gram(G)
+    check_finite_gram(G)

@@ -1,0 +1,71 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020, Algorithm 1).
+
+For each task ``i``, start from ``g_i`` and visit the other tasks ``j ≠ i`` in a fresh uniformly random
+order; when the current vector conflicts with the *original* ``g_j`` (negative inner product) and
+``g_j ≠ 0``, remove its component along ``g_j``. The update is the sum of the ``T`` projected vectors.
+
+Every projected vector stays in the span of the rows, so the algorithm runs on the Gram matrix: keep a
+coefficient vector ``c_i`` (``c_i = e_i`` at the start); visiting ``j``, ``ip = (G c_i)_j`` and, if
+``ip < 0``, ``c_i[j] −= ip / G_jj``. The weights are ``w = Σ_i c_i``. The ``T`` chains are independent, so
+they advance together: ``T − 1`` rounds of ``O(T²)`` tensor work, in float64.
+
+Differences from the popular PyTorch port (``Pytorch-PCGrad`` and its copies): the port averages the
+shared entries (here: the sum, like ``sum(losses).backward()``, or ``reduction="mean"``); it shuffles all
+tasks including ``i`` itself, so a vector can be projected against its own original gradient; it
+projects the whole flattened vector, task heads included, so a task's head can receive a component of
+another task's head gradient (here: only shared parameters are projected); and it divides by
+``‖g_j‖²`` without guarding zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_gram, check_reduction, symmetric64, to_reduction
+
+BIBTEX = """@inproceedings{yu2020gradient,
+  title     = {Gradient Surgery for Multi-Task Learning},
+  author    = {Yu, Tianhe and Kumar, Saurabh and Gupta, Abhishek and Levine, Sergey and Hausman, Karol and Finn, Chelsea},
+  booktitle = {Advances in Neural Information Processing Systems},
+  volume    = {33},
+  pages     = {5824--5836},
+  year      = {2020}
+}"""
+
+
+def random_orders(T: int, *, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """``(T, T − 1)`` int64: row ``i`` is a uniformly random order of the tasks other than ``i``.
+
+    Drawn from ``generator`` (torch's default generator when ``None``) on the generator's device and
+    moved to ``device``.
+    """
+    source = generator.device if generator is not None else device
+    keys = torch.rand(T, T, generator=generator, device=source)
+    keys.fill_diagonal_(2.0)  # larger than any uniform draw: task i sorts last and is dropped
+    return keys.argsort(dim=1)[:, : T - 1].to(device)
+
+
+def pcgrad_coefficients(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """``(T, T)`` float64 matrix whose row ``i`` is ``c_i``: projected ``g_i = c_iᵀ J`` for the given orders."""
+    G = symmetric64(G)
+    T = G.shape[0]
+    rows = torch.arange(T, device=G.device)
+    coefficients = torch.eye(T, dtype=torch.float64, device=G.device)
+    squared_norms = G.diagonal()
+    for visit in orders.to(G.device).unbind(dim=1):
+        inner = (coefficients * G[visit]).sum(dim=1)
+        norm_sq = squared_norms[visit]
+        conflict = (inner < 0) & (norm_sq > 0)
+        safe = torch.where(norm_sq > 0, norm_sq, torch.ones_like(norm_sq))
+        coefficients[rows, visit] -= torch.where(conflict, inner / safe, torch.zeros_like(inner))
+    return coefficients
+
+
+def pcgrad_weights(
+    G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum"
+) -> torch.Tensor:
+    """Weights ``w = Σ_i c_i`` (float64, on G's device) with ``d = wᵀJ`` the PCGrad update."""
+    check_gram(G)
+    check_reduction(reduction)
+    orders = random_orders(G.shape[0], generator=generator, device=G.device)
+    return to_reduction(pcgrad_coefficients(G, orders).sum(dim=0), reduction)

@@ -1,0 +1,76 @@
+"""Weighted combination ``out = wᵀ J`` of the task-gradient rows.
+
+``combine_reference`` is the plain PyTorch definition: the CPU path and the ground truth that the
+Triton kernel is tested against. ``combine`` is the Triton launcher (kernel in ``_combine_triton``,
+loaded on first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._checks import accumulation_dtype, check_combine_args, check_triton_dtype, check_triton_matrix
+
+_CHUNK_ELEMENTS = 1 << 22
+_INTERPRETED_BLOCK_P = 1 << 14
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def combine_reference(
+    w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False
+) -> torch.Tensor:
+    """Write ``Σ_t w[t]·J[t]`` into ``out`` (``+=`` with ``accumulate``), fp32 accumulation; return ``out``."""
+    check_combine_args(w, J, out)
+    acc = accumulation_dtype(J.dtype)
+    if J.dtype == acc and out.dtype == acc:
+        weights = w.to(acc)
+        if accumulate:
+            out.addmv_(J.mT, weights)
+        else:
+            torch.mv(J.mT, weights, out=out)
+        return out
+    T, P = J.shape
+    weights = w.to(acc)
+    step = max(1, _CHUNK_ELEMENTS // max(T, 1))
+    for start in range(0, P, step):
+        stop = min(start + step, P)
+        part = weights @ J[:, start:stop].to(acc)
+        if accumulate:
+            part += out[start:stop].to(acc)
+        out[start:stop].copy_(part)
+    return out
+
+
+def combine(
+    w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False
+) -> torch.Tensor:
+    """Triton ``out[p] = Σ_t w[t]·J[t, p]`` (``+=`` with ``accumulate``); return ``out``.
+
+    Accumulates in fp32 (``w`` of any float dtype, fp64 included, is cast to fp32 in the kernel) and
+    rounds once, on the store into ``out``'s dtype. ``out`` is written in place, so it can be the flat
+    buffer that the parameters' ``.grad`` tensors are views of. Shapes and devices as in
+    ``combine_reference``; ``J`` and ``out`` fp32/fp16/bf16 and ``1 <= T <= 128``.
+    """
+    check_combine_args(w, J, out)
+    check_triton_matrix(J, "J")
+    check_triton_dtype(out, "out")
+    T, P = J.shape
+    if P == 0:
+        return out
+    from . import _combine_triton as kernels
+
+    args = (w, J, out, T, P, w.stride(0), J.stride(0), P.bit_length())
+    on_cuda = J.device.type == "cuda"
+    with torch.cuda.device(J.device) if on_cuda else contextlib.nullcontext():
+        if kernels.INTERPRETED:
+            # One wide fixed block: interpreted programs run one after another, so fewer is faster.
+            block = _INTERPRETED_BLOCK_P
+            kernels._combine_kernel[(_cdiv(P, block),)](*args, ACCUMULATE=accumulate, BLOCK_P=block)
+        else:
+            kernels.tuned_combine_kernel()[lambda meta: (_cdiv(P, meta["BLOCK_P"]),)](*args, ACCUMULATE=accumulate)
+    return out

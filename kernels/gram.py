@@ -1,0 +1,112 @@
+"""Gram matrix ``G = J Jᵀ`` of the ``(T, P)`` task-gradient matrix.
+
+``gram_reference`` is the plain PyTorch definition: the CPU path and the ground truth that the Triton
+kernel is tested against. ``gram`` is the Triton launcher (kernels in ``_gram_triton``, loaded on first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+
+from ._checks import accumulation_dtype, check_matrix, check_triton_matrix
+
+# Columns converted to the accumulation dtype at a time for half-precision inputs: bounds the
+# temporary copy to a few MiB instead of a full fp32 copy of J.
+_CHUNK_ELEMENTS = 1 << 22
+# Rows of G each second-stage program sums (tl.arange and tl.dot want powers of two ≥ 16).
+_REDUCE_ROWS = 16
+
+
+def gram_reference(J: torch.Tensor) -> torch.Tensor:
+    """Return ``J @ J.T`` accumulated in fp32 (fp64 for fp64 input), shape ``(T, T)``."""
+    check_matrix(J, "J")
+    acc = accumulation_dtype(J.dtype)
+    if J.dtype == acc:
+        return J @ J.mT
+    T, P = J.shape
+    G = torch.zeros(T, T, dtype=acc, device=J.device)
+    step = max(1, _CHUNK_ELEMENTS // max(T, 1))
+    for start in range(0, P, step):
+        block = J[:, start : start + step].to(acc)
+        G.addmm_(block, block.mT)
+    return G
+
+
+class GramPlan(NamedTuple):
+    """How ``gram`` splits the columns; it fixes the summation order, hence the result's bits."""
+
+    block_t: int  # T padded to a power of two ≥ 16 (tl.dot's smallest tile on GPUs)
+    block_p: int  # columns per tl.dot
+    cols_per_split: int  # columns summed by one first-stage program (a multiple of block_p)
+    num_splits: int  # first-stage programs = partial Grams summed by the second stage
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gram_plan(T: int, P: int, *, interpreted: bool, max_splits: int) -> GramPlan:
+    """The column split ``gram`` uses for a ``(T, P)`` matrix (``P >= 1``)."""
+    block_t = max(16, 1 << (T - 1).bit_length())
+    if interpreted:
+        # Each interpreted tl.dot is one NumPy matmul: few, wide tiles keep the Python overhead down.
+        block_p = (1 << 16) // block_t
+        min_cols = block_p
+    else:
+        # 16 KiB of fp32 per tile; at least 8·block_t columns per program, so the partial Grams written
+        # and re-read (block_t² floats each) stay a small fraction of the traffic over J.
+        block_p = 4096 // block_t
+        min_cols = 8 * block_t
+    blocks = _cdiv(P, block_p)
+    blocks_per_split = max(_cdiv(blocks, max_splits), _cdiv(min_cols, block_p))
+    cols_per_split = blocks_per_split * block_p
+    return GramPlan(block_t, block_p, cols_per_split, _cdiv(P, cols_per_split))
+
+
+def gram(J: torch.Tensor) -> torch.Tensor:
+    """Triton ``J @ J.T`` in fp32, shape ``(T, T)``, exactly symmetric and bit-reproducible.
+
+    ``J`` is ``(T, P)`` fp32/fp16/bf16 with ``1 <= T <= 128`` and contiguous rows (``stride(1) == 1``;
+    ``stride(0) >= P`` is fine). fp32 inputs are multiplied in full fp32 (no TF32). A deterministic
+    two-stage split-K: per-program partial Grams over fixed column ranges, then a second kernel sums them
+    in a fixed order — no atomics.
+    """
+    check_triton_matrix(J, "J")
+    T, P = J.shape
+    if P == 0:
+        return torch.zeros(T, T, dtype=torch.float32, device=J.device)
+    from . import _gram_triton as kernels
+
+    on_cuda = J.device.type == "cuda"
+    max_splits = 4 * _multiprocessor_count(J.device.index or 0) if on_cuda else 4
+    plan = gram_plan(T, P, interpreted=kernels.INTERPRETED, max_splits=max_splits)
+    partials = torch.empty(plan.num_splits, plan.block_t, plan.block_t, dtype=torch.float32, device=J.device)
+    G = torch.empty(T, T, dtype=torch.float32, device=J.device)
+    first = kernels._gram_partials_kernel if kernels.INTERPRETED else kernels.tuned_partials_kernel()
+    stride_t = J.stride(0) if T > 1 else 0
+    with torch.cuda.device(J.device) if on_cuda else contextlib.nullcontext():
+        first[(plan.num_splits,)](
+            J,
+            partials,
+            T,
+            P,
+            stride_t,
+            plan.cols_per_split,
+            BT=plan.block_t,
+            BLOCK_P=plan.block_p,
+            UPCAST=kernels.INTERPRETED and J.dtype == torch.bfloat16,
+        )
+        kernels._gram_reduce_kernel[(plan.block_t // _REDUCE_ROWS,)](
+            partials, G, T, plan.num_splits, BT=plan.block_t, ROWS=_REDUCE_ROWS
+        )
+    return G
+
