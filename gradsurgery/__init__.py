@@ -3,7 +3,20 @@
 from . import functional, methods
 from .citation import bibtex, cite
 from .errors import NonFiniteGradientError
+from .optim import CAGrad, GradSurgery, Mean, MGDA, PCGrad, Sum
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteGradientError", "bibtex", "cite", "functional", "methods"]
+__all__ = [
+    "CAGrad",
+    "GradSurgery",
+    "MGDA",
+    "Mean",
+    "NonFiniteGradientError",
+    "PCGrad",
+    "Sum",
+    "bibtex",
+    "cite",
+    "functional",
+    "methods",
+]

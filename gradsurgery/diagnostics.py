@@ -1,0 +1,75 @@
+"""What the last step's Gram matrix says about the tasks: gradient norms, cosines, conflicts.
+
+Everything the wrappers need for logging is in ``G = J Jᵀ`` (``T × T``) and the weights ``w`` they
+chose, so the diagnostics cost ``O(T²)`` and never touch ``J``. :func:`gram_diagnostics` stays on the
+device and never synchronises the host, so it can run every step (and inside a captured CUDA graph);
+:func:`to_floats` is the single place where values are copied to the host, once, when a logger
+actually reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gram_diagnostics", "to_floats"]
+
+
+def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-task gradient norms, pairwise cosines and conflict count from a Gram matrix.
+
+    Args:
+        G: ``(T, T)`` Gram matrix of the task gradients, ``G_ij = ⟨g_i, g_j⟩``.
+        weights: ``(T,)`` weights of the combined update ``d = Σ_t w_t g_t``.
+
+    Returns:
+        ``"norms"`` ``(T,)``: ``‖g_t‖ = sqrt(G_tt)``;
+        ``"cosine"`` ``(T, T)``: ``G_ij / (‖g_i‖ ‖g_j‖)``, defined as ``0`` wherever a norm is zero
+        (a zero gradient neither agrees nor conflicts), so the diagonal is ``1`` except for zero
+        gradients;
+        ``"conflicts"`` (int64 scalar): the number of pairs ``i < j`` with ``G_ij < 0``;
+        ``"weights"`` ``(T,)``: the weights, detached.
+        All tensors are on ``G``'s device; nothing is read back to the host.
+    """
+    if G.dim() != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"G must be a square (T, T) matrix, got shape {tuple(G.shape)}")
+    if weights.shape != (G.shape[0],):
+        raise ValueError(f"weights must have shape ({G.shape[0]},), got {tuple(weights.shape)}")
+    G = G.detach()
+    # Half-precision products of two norms can underflow; the diagnostics are cheap, so use fp32.
+    if G.dtype in (torch.float16, torch.bfloat16):
+        G = G.float()
+    # Rounding can leave a tiny negative diagonal for a zero gradient; a norm is never imaginary.
+    norms = G.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    nonzero = denom > 0
+    cosine = torch.where(nonzero, G / torch.where(nonzero, denom, torch.ones_like(denom)), 0.0)
+    # The rounding of G and of the norms can push |cos| just past 1.
+    cosine = cosine.clamp(-1.0, 1.0)
+    conflicts = torch.triu(G < 0, diagonal=1).sum()
+    return {"norms": norms, "cosine": cosine, "conflicts": conflicts, "weights": weights.detach()}
+
+
+def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
+    """Plain Python numbers (and nested lists) for TensorBoard, W&B or JSON.
+
+    All tensors are packed into one buffer and copied to the host in a single transfer, so a call
+    costs one device synchronisation however many entries ``diag`` holds. Integer tensors come back
+    as ``int``, floating ones as ``float``; 0-d tensors as a number, others as (nested) lists.
+    """
+    if not diag:
+        return {}
+    tensors = {key: value.detach() for key, value in diag.items()}
+    device = next(iter(tensors.values())).device
+    # MPS has no float64; float32 still holds every count below 2**24 exactly.
+    pack_dtype = torch.float32 if device.type == "mps" else torch.float64
+    flat = torch.cat([t.to(device=device, dtype=pack_dtype).reshape(-1) for t in tensors.values()])
+    host = flat.cpu()
+    out: dict[str, float | list] = {}
+    offset = 0
+    for key, t in tensors.items():
+        chunk = host[offset : offset + t.numel()].reshape(t.shape)
+        offset += t.numel()
+        if not t.is_floating_point():
+            chunk = chunk.round().to(torch.int64)
+        out[key] = chunk.tolist()
+    return out

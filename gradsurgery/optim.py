@@ -1,0 +1,438 @@
+"""Optimizer wrappers: any ``torch.optim`` optimizer, with the shared gradient replaced by surgery.
+
+Orchestration only: ``taskgrads`` fills the ``(T, P)`` buffer, ``backend`` computes the Gram matrix and
+combines, ``methods`` turns the Gram matrix into weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import backend as _backend
+from .methods import cagrad as _cagrad
+from .methods import mgda as _mgda
+from .methods import pcgrad as _pcgrad
+from .methods._common import check_reduction, to_reduction
+from .methods._simplex import DEFAULT_ITERATIONS
+from .taskgrads import SharedBuffer, task_gradients
+
+Losses = Sequence[torch.Tensor] | torch.Tensor
+
+
+class GradSurgery(torch.optim.Optimizer):
+    """Base wrapper: per-task gradients → Gram matrix → weights → the shared parameters' ``.grad``.
+
+    The training loop::
+
+        opt.zero_grad()
+        opt.backward(losses)   # T scalar losses
+        opt.step()
+
+    ``backward`` computes each task's gradient of the optimizer's parameters (the graph is kept until
+    the last task). A parameter reached by more than one task is *shared* (or: the ones listed in
+    ``shared=``); their rows form the ``(T, P)`` matrix ``J``, and their ``.grad`` becomes ``wᵀJ`` with
+    ``w`` the method's weights for ``G = J Jᵀ``. A parameter reached by one task gets that task's plain
+    gradient, accumulated into ``.grad`` as ``loss.backward()`` would; one reached by no task keeps its
+    ``.grad``. Several ``backward`` calls before ``step`` accumulate the per-task gradients, and the
+    shared ``.grad`` is always the surgery of the accumulated ones; ``zero_grad`` starts afresh.
+
+    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so LR
+    schedulers, ``torch.amp.GradScaler`` and checkpoints work on the wrapper. Subclasses implement
+    :meth:`weights`.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        shared: Iterable[torch.Tensor] | torch.nn.Module | None = None,
+        reduction: str = "sum",
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
+        check_reduction(reduction)
+        params = _all_params(optimizer)
+        _backend.check_backend(backend, params[0].device if params else None)
+        self.optimizer = optimizer
+        self.reduction = reduction
+        self.backend = backend
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._patch_step_function()
+        self._explicit_shared = None if shared is None else _check_shared(shared, params)
+        self._buffer: SharedBuffer | None = None
+        self._pending_tasks: int | None = None
+        self._pending_losses: torch.Tensor | None = None
+        self._num_tasks: int | None = None  # T of the last backward, or of a loaded checkpoint
+        self.last_gram: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer citizen
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.optimizer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run the inner optimizer's step. A ``closure`` (LBFGS) calls ``zero_grad`` and ``backward``."""
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every ``.grad`` (as the inner optimizer does) and the accumulated per-task gradients."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._pending_tasks = None
+        self._pending_losses = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus a ``"gradsurgery"`` entry with the method's own state."""
+        state = self.optimizer.state_dict()
+        state["gradsurgery"] = {
+            "method": type(self).__name__,
+            "num_tasks": self._num_tasks,
+            **self._method_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradsurgery", None)
+        if extra is not None:
+            if extra.get("method") != type(self).__name__:
+                raise ValueError(f"checkpoint is for {extra.get('method')!r}, not {type(self).__name__!r}")
+            saved_tasks = extra.get("num_tasks")
+            if saved_tasks is not None and self._num_tasks not in (None, saved_tasks):
+                raise ValueError(f"checkpoint has {saved_tasks} tasks but this optimizer is training {self._num_tasks}")
+        self.optimizer.load_state_dict(state_dict)
+        if extra is not None:
+            self._num_tasks = extra.get("num_tasks") or self._num_tasks
+            self._load_method_state(extra)
+
+    # ------------------------------------------------------------------ the method
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """Weights ``w`` on the sum scale for the Gram matrix ``G`` (and the loss values); ``reduction``
+        is applied afterwards."""
+        raise NotImplementedError
+
+    def _method_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self, losses: Losses, *, features: torch.Tensor | None = None) -> None:
+        """Per-task gradients → surgery → ``.grad`` of every parameter the losses reach.
+
+        ``features``: the shared representation every task head reads (representation mode): the
+        weights come from the Gram matrix of ``∂L_t/∂features`` and one backward through the encoder
+        carries ``Σ_t w_t ∂L_t/∂features``; the heads get their own plain gradients.
+        """
+        losses = _check_losses(losses)
+        T = len(losses)
+        if self._pending_tasks is not None and T != self._pending_tasks:
+            raise ValueError(f"got {T} losses, but {self._pending_tasks} were accumulated since zero_grad()")
+        if self._buffer is None and self._num_tasks is not None and T != self._num_tasks:
+            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._num_tasks}")
+        params = [p for p in _all_params(self.optimizer) if p.requires_grad]
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad")
+        loss_values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
+        if features is not None:
+            self._backward_features(losses, features, params, loss_values)
+            self._num_tasks = T
+            return
+        grads = task_gradients(losses, params)
+        for t, row in enumerate(grads.reached):
+            if not any(row):
+                raise ValueError(f"loss {t} reaches no parameter of the optimizer")
+        shared = self._shared_params(params, grads.reached)
+        shared_ids = {id(p) for p in shared}
+        buffer = self._ensure_buffer(shared, T) if shared else None
+        accumulate = self._pending_tasks is not None
+        if buffer is not None:
+            for t in range(T):
+                row = {id(p): g for p, g in zip(params, grads.grads[t]) if g is not None and id(p) in shared_ids}
+                buffer.write(t, row, accumulate=accumulate)
+        _accumulate_plain(
+            [(p, [g for g in column if g is not None]) for p, column in zip(params, zip(*grads.grads)) if id(p) not in shared_ids]
+        )
+        self._pending_losses = loss_values if self._pending_losses is None else self._pending_losses + loss_values
+        self._pending_tasks = T
+        self._num_tasks = T
+        if buffer is not None:
+            self._surgery(buffer)
+
+    def _surgery(self, buffer: SharedBuffer) -> None:
+        G = _backend.gram(buffer.matrix, backend=self.backend)
+        w = to_reduction(self.weights(G, self._pending_losses), self.reduction)
+        for columns, update in buffer.groups:
+            _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend)
+        buffer.attach_grads()
+        self.last_gram, self.last_weights = G, w
+
+    def _backward_features(
+        self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor], loss_values: torch.Tensor
+    ) -> None:
+        if not isinstance(features, torch.Tensor) or not features.requires_grad:
+            raise ValueError("features must be a tensor that requires grad (the encoder's output)")
+        upstream = _params_upstream_of(features)
+        if not any(id(p) in upstream for p in params):
+            raise ValueError("features does not lead to any parameter of the optimizer: pass the encoder's output")
+        heads = [p for p in params if id(p) not in upstream]
+        rows = []
+        head_grads: list[list[torch.Tensor | None]] = []
+        for t, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, [features, *heads], retain_graph=True, allow_unused=True)
+            if grads[0] is None:
+                raise ValueError(f"loss {t} does not depend on features")
+            rows.append(grads[0].reshape(-1))
+            head_grads.append(list(grads[1:]))
+        J = torch.stack(rows)
+        G = _backend.gram(J, backend=self.backend)
+        w = to_reduction(self.weights(G, loss_values), self.reduction)
+        combined = _backend.combine(w, J, torch.empty_like(rows[0]), backend=self.backend)
+        _accumulate_plain([(p, [g for g in column if g is not None]) for p, column in zip(heads, zip(*head_grads))])
+        features.backward(combined.view_as(features))
+        self.last_gram, self.last_weights = G, w
+
+    def _shared_params(self, params: list[torch.Tensor], reached: list[list[bool]]) -> list[torch.Tensor]:
+        if self._explicit_shared is not None:
+            return [p for p in params if id(p) in self._explicit_shared]
+        current = [] if self._buffer is None else self._buffer.params
+        current_ids = {id(p) for p in current}
+        counts = [sum(column) for column in zip(*reached)]
+        promoted = [p for p, n in zip(params, counts) if n > 1 and id(p) not in current_ids]
+        if promoted and self._pending_tasks is not None:
+            raise ValueError(
+                "a parameter became shared between accumulated backward() calls; pass shared= to fix the set"
+            )
+        return [p for p in params if id(p) in current_ids or any(p is q for q in promoted)]
+
+    def _ensure_buffer(self, shared: list[torch.Tensor], num_tasks: int) -> SharedBuffer:
+        buffer = self._buffer
+        if buffer is None or buffer.num_tasks != num_tasks or {id(p) for p in buffer.params} != {id(p) for p in shared}:
+            buffer = self._buffer = SharedBuffer(shared, num_tasks)
+        return buffer
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The last step's gradient norms, cosine similarities, conflicts and weights as plain floats.
+
+        This reads tensors back to the host: call it when logging, not on every step of a fast loop.
+        """
+        if self.last_gram is None or self.last_weights is None:
+            raise RuntimeError("diagnostics() needs a backward() first")
+        from .diagnostics import gram_diagnostics, to_floats
+
+        return to_floats(gram_diagnostics(self.last_gram, self.last_weights))
+
+
+class Sum(GradSurgery):
+    """Naive summation: ``.grad`` is what ``sum(losses).backward()`` gives. The baseline."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, shared: Any = None, backend: str = "auto") -> None:
+        super().__init__(optimizer, shared=shared, backend=backend)
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
+
+
+class Mean(GradSurgery):
+    """The mean of the task gradients: what ``mean(losses).backward()`` gives."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, shared: Any = None, backend: str = "auto") -> None:
+        super().__init__(optimizer, shared=shared, reduction="mean", backend=backend)
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
+
+
+class PCGrad(GradSurgery):
+    __doc__ = "PCGrad as an optimizer wrapper.\n\n" + (_pcgrad.__doc__ or "") + """
+    The visiting orders come from the wrapper's own ``torch.Generator`` on the parameters' device,
+    seeded with ``seed`` (drawn from torch's global generator when ``None``, so ``torch.manual_seed``
+    makes runs reproducible); its state is part of :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        shared: Any = None,
+        reduction: str = "sum",
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        params = _all_params(optimizer)
+        device = params[0].device if params else torch.device("cpu")
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return _pcgrad.pcgrad_weights(G, generator=self.generator)
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator": self.generator.get_state()}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.generator.set_state(state["generator"])
+
+
+class CAGrad(GradSurgery):
+    __doc__ = "CAGrad as an optimizer wrapper.\n\n" + (_cagrad.__doc__ or "")
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        shared: Any = None,
+        c: float = 0.4,
+        rescale: str | None = "1+c^2",
+        reduction: str = "sum",
+        max_iter: int = DEFAULT_ITERATIONS,
+        backend: str = "auto",
+    ) -> None:
+        _cagrad.check_cagrad_options(c, rescale)
+        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        self.c, self.rescale, self.max_iter = c, rescale, max_iter
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return _cagrad.cagrad_weights(G, c=self.c, rescale=self.rescale, max_iter=self.max_iter)
+
+
+class MGDA(GradSurgery):
+    __doc__ = "MGDA as an optimizer wrapper (MGDA-UB with ``backward(losses, features=z)``).\n\n" + (_mgda.__doc__ or "")
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        shared: Any = None,
+        normalization: str = "none",
+        reduction: str = "sum",
+        max_iter: int = DEFAULT_ITERATIONS,
+        backend: str = "auto",
+    ) -> None:
+        _mgda.check_normalization(normalization)
+        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        self.normalization, self.max_iter = normalization, max_iter
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return _mgda.mgda_weights(G, normalization=self.normalization, losses=losses, max_iter=self.max_iter)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _all_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    seen: set[int] = set()
+    for index, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"parameter {index} (shape {tuple(p.shape)}) appears twice in the optimizer")
+        seen.add(id(p))
+    return params
+
+
+def _check_shared(shared: Iterable[torch.Tensor] | torch.nn.Module, params: list[torch.Tensor]) -> set[int]:
+    listed = list(shared.parameters()) if isinstance(shared, torch.nn.Module) else list(shared)
+    held = {id(p) for p in params}
+    ids: set[int] = set()
+    for index, p in enumerate(listed):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"shared[{index}] is a {type(p).__name__}, not a parameter tensor")
+        if id(p) not in held:
+            raise ValueError(f"shared[{index}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
+        if id(p) in ids:
+            raise ValueError(f"shared[{index}] (shape {tuple(p.shape)}) is listed twice")
+        ids.add(id(p))
+    return ids
+
+
+def _check_losses(losses: Losses) -> list[torch.Tensor]:
+    if isinstance(losses, torch.Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"losses as a tensor must be 1-D (one loss per task), got shape {tuple(losses.shape)}")
+        items = list(losses.unbind())
+    else:
+        items = list(losses)
+    if not items:
+        raise ValueError("losses is empty: pass one scalar loss per task")
+    for t, loss in enumerate(items):
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss {t} is a {type(loss).__name__}, not a tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"loss {t} is not a scalar: shape {tuple(loss.shape)}")
+        if not loss.dtype.is_floating_point:
+            raise ValueError(f"loss {t} has non-floating dtype {loss.dtype}")
+        if not loss.requires_grad:
+            raise ValueError(f"loss {t} does not require grad (computed under no_grad, or detached?)")
+        if loss.device != items[0].device:
+            raise ValueError(f"loss {t} is on {loss.device} but loss 0 is on {items[0].device}")
+    return items
+
+
+def _accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+    """``p.grad += Σ grads`` (or ``=`` when ``None``), as ``loss.backward()`` would accumulate."""
+    for p, grads in pairs:
+        if not grads:
+            continue
+        total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+        if p.grad is None:
+            p.grad = total.detach().clone() if len(grads) == 1 else total.detach()
+        else:
+            p.grad.add_(total)
+
+
+def _params_upstream_of(features: torch.Tensor) -> set[int]:
+    """``id`` of every leaf tensor the autograd graph of ``features`` reaches."""
+    found: set[int] = set()
+    stack = [features.grad_fn] if features.grad_fn is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if features.grad_fn is None and features.is_leaf:
+        found.add(id(features))
+    return found

@@ -1,0 +1,120 @@
+"""Plots of the gradient diagnostics (optional: needs matplotlib, imported only when a plot is drawn).
+
+Both functions draw on a given ``Axes`` (or a new figure's) and return it, so they compose into a
+caller's own figure layout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = ["plot_conflict_history", "plot_cosine_heatmap"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("gradsurgery.plot needs matplotlib: pip install matplotlib") from err
+    return plt
+
+
+def _as_nested_floats(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return value
+
+
+def plot_cosine_heatmap(
+    cos: torch.Tensor | Sequence[Sequence[float]],
+    ax: Axes | None = None,
+    task_names: Sequence[str] | None = None,
+) -> Axes:
+    """Heatmap of a ``T × T`` cosine-similarity matrix (e.g. ``gram_diagnostics(...)["cosine"]``).
+
+    The colour scale is fixed to ``[-1, 1]`` with white at 0, so red (conflict) and blue (agreement)
+    mean the same thing in every figure; cells are annotated with their value when ``T ≤ 12``.
+    """
+    plt = _pyplot()
+    matrix = [[float(v) for v in row] for row in _as_nested_floats(cos)]
+    T = len(matrix)
+    if any(len(row) != T for row in matrix):
+        raise ValueError(f"cos must be a square T x T matrix, got rows of lengths {[len(r) for r in matrix]}")
+    names = list(task_names) if task_names is not None else [f"task {t}" for t in range(T)]
+    if len(names) != T:
+        raise ValueError(f"task_names must have {T} entries, got {len(names)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.6 * T))
+    image = ax.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="RdBu")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine")
+    ax.set_xticks(range(T), names, rotation=45, ha="right")
+    ax.set_yticks(range(T), names)
+    if T <= 12:
+        for i in range(T):
+            for j in range(T):
+                # Dark cells need light text to stay readable.
+                colour = "white" if abs(matrix[i][j]) > 0.6 else "black"
+                ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title("gradient cosine similarity")
+    return ax
+
+
+def _moving_average(values: Sequence[float], window: int) -> list[float]:
+    out: list[float] = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_conflict_history(
+    history: Sequence[Mapping[str, Any]],
+    ax: Axes | None = None,
+    *,
+    steps: Sequence[int] | None = None,
+    window: int = 25,
+) -> Axes:
+    """Conflict rate and task weights over training.
+
+    Args:
+        history: one diagnostics dict per logged step, as returned by
+            :func:`gradsurgery.diagnostics.to_floats` (or ``gram_diagnostics``); each needs
+            ``"conflicts"`` and ``"weights"``.
+        ax: where to draw; the weights go on a twin y-axis on the right.
+        steps: the training step of each entry (default ``0, 1, …``).
+        window: entries averaged in the conflict rate, the fraction of task pairs ``i < j`` whose
+            gradients had a negative inner product.
+    """
+    plt = _pyplot()
+    if not history:
+        raise ValueError("history is empty: log at least one diagnostics dict")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    xs = list(steps) if steps is not None else list(range(len(history)))
+    if len(xs) != len(history):
+        raise ValueError(f"steps has {len(xs)} entries but history has {len(history)}")
+    weights = [[float(w) for w in _as_nested_floats(entry["weights"])] for entry in history]
+    T = len(weights[0])
+    pairs = max(T * (T - 1) // 2, 1)
+    rate = [float(_as_nested_floats(entry["conflicts"])) / pairs for entry in history]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.0, 3.0))
+    ax.plot(xs, _moving_average(rate, window), color="black", label="conflict rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"conflict rate ({window}-entry mean)")
+    twin = ax.twinx()
+    for t in range(T):
+        twin.plot(xs, [w[t] for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
+    twin.set_ylabel("task weight")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=7)
+    return ax
