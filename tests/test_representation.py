@@ -1,0 +1,70 @@
+"""Representation mode: weights from the Gram of ∂L_t/∂z, one backward through the encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradsurgery as gs
+import gradsurgery.functional as F
+
+from .test_optim import REFERENCE_WEIGHTS, WRAPPERS
+
+
+class EncoderHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z = self.encoder(x)
+        return z, [((head(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(self.heads)]
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_representation_mode_matches_the_explicit_computation(name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+    model, reference = EncoderHeads(), EncoderHeads()
+    opt = WRAPPERS[name](torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(x, y)
+    opt.backward(losses, features=z)
+
+    z, losses = reference(x, y)
+    rows = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
+    w = REFERENCE_WEIGHTS[name](rows.double() @ rows.double().T).float()
+    encoder_grads = torch.autograd.grad(z, list(reference.encoder.parameters()), grad_outputs=(w @ rows).view_as(z), retain_graph=True)
+    for p, g in zip(model.encoder.parameters(), encoder_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for t, head in enumerate(model.heads):
+        expected = torch.autograd.grad(losses[t], list(reference.heads[t].parameters()), retain_graph=True)
+        for p, g in zip(head.parameters(), expected):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_mgda_with_features_is_mgda_ub() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+    model = EncoderHeads()
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(x, y)
+    opt.backward(losses, features=z)
+    rows = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
+    torch.testing.assert_close(opt.last_weights, F.mgda_weights((rows @ rows.T).double()), rtol=1e-6, atol=1e-9)
+
+
+def test_features_that_lead_to_no_parameter_or_no_loss_are_refused() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+    model = EncoderHeads()
+    opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+    z, losses = model(x, y)
+    with pytest.raises(ValueError, match="does not lead to any parameter"):
+        opt.backward(losses, features=torch.ones(3, requires_grad=True))
+    unrelated = model.encoder(x) * 1.0
+    with pytest.raises(ValueError, match="loss 0 does not depend on features"):
+        opt.backward(losses, features=unrelated)
+    assert all(p.grad is None for p in model.parameters())
