@@ -1,6 +1,7 @@
 """The one dispatch point between the PyTorch references and the Triton kernels.
 
-``backend="auto"`` runs Triton for CUDA tensors when Triton imports, PyTorch otherwise; ``"triton"``
+``backend="auto"`` runs Triton for CUDA tensors when Triton imports (fp64 and more than
+``kernels.MAX_TASKS`` tasks stay on PyTorch), PyTorch otherwise; ``"triton"``
 where Triton cannot run raises instead of falling back; ``"torch"`` always runs the references.
 """
 
@@ -32,7 +33,9 @@ def resolve(backend: str, J: torch.Tensor) -> str:
     check_backend(backend, J.device)
     if backend != "auto":
         return backend
-    use_triton = J.is_cuda and J.dtype != torch.float64 and kernels.triton_available()
+    use_triton = (
+        J.is_cuda and J.dtype != torch.float64 and J.shape[0] <= kernels.MAX_TASKS and kernels.triton_available()
+    )
     return "triton" if use_triton else "torch"
 
 

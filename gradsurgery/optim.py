@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import backend as _backend
+from .errors import NonFiniteGradientError
 from .methods import cagrad as _cagrad
 from .methods import mgda as _mgda
 from .methods import pcgrad as _pcgrad
@@ -20,6 +21,7 @@ from .methods._simplex import DEFAULT_ITERATIONS
 from .taskgrads import SharedBuffer, task_gradients
 
 Losses = Sequence[torch.Tensor] | torch.Tensor
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -42,6 +44,19 @@ class GradSurgery(torch.optim.Optimizer):
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so LR
     schedulers, ``torch.amp.GradScaler`` and checkpoints work on the wrapper. Subclasses implement
     :meth:`weights`.
+
+    Options common to every wrapper (keyword-only):
+
+    - ``shared``: the shared parameters (a list, or a module), instead of detecting them;
+    - ``reduction``: ``"sum"`` (default: the scale of ``sum(losses).backward()``) or ``"mean"``;
+    - ``nonfinite``: what a NaN/Inf task gradient does — ``"raise"`` (default) a
+      :class:`~gradsurgery.NonFiniteGradientError` naming the tasks, nothing changed; ``"skip"`` the
+      next :meth:`step` (``skipped_steps`` counts); ``"propagate"`` into ``.grad`` so that
+      ``torch.amp.GradScaler`` skips the step (the AMP setting). ``"raise"`` and ``"skip"`` read ``T``
+      flags back to the host once per ``backward``; ``"propagate"`` never synchronises;
+    - ``storage_dtype``: dtype of the per-task buffer (e.g. ``torch.bfloat16`` halves it for fp32
+      parameters; the Gram matrix is still accumulated in fp32);
+    - ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
 
     def __init__(
@@ -50,16 +65,26 @@ class GradSurgery(torch.optim.Optimizer):
         *,
         shared: Iterable[torch.Tensor] | torch.nn.Module | None = None,
         reduction: str = "sum",
+        nonfinite: str = "raise",
+        storage_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
         check_reduction(reduction)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if storage_dtype is not None and (not isinstance(storage_dtype, torch.dtype) or not storage_dtype.is_floating_point):
+            raise ValueError(f"storage_dtype must be a floating-point torch.dtype, got {storage_dtype!r}")
         params = _all_params(optimizer)
         _backend.check_backend(backend, params[0].device if params else None)
         self.optimizer = optimizer
         self.reduction = reduction
+        self.nonfinite = nonfinite
+        self.storage_dtype = storage_dtype
         self.backend = backend
+        self.skipped_steps = 0
+        self._skip_step = False
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
@@ -102,7 +127,15 @@ class GradSurgery(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Run the inner optimizer's step. A ``closure`` (LBFGS) calls ``zero_grad`` and ``backward``."""
+        """Run the inner optimizer's step. A ``closure`` (LBFGS) calls ``zero_grad`` and ``backward``.
+
+        With ``nonfinite="skip"``, a step whose gradients held NaN/Inf is skipped instead (the inner
+        optimizer's state is untouched) and :attr:`skipped_steps` counts it.
+        """
+        if self._skip_step:
+            self._skip_step = False
+            self.skipped_steps += 1
+            return None
         return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -117,6 +150,7 @@ class GradSurgery(torch.optim.Optimizer):
         state["gradsurgery"] = {
             "method": type(self).__name__,
             "num_tasks": self._num_tasks,
+            "skipped_steps": self.skipped_steps,
             **self._method_state(),
         }
         return state
@@ -134,6 +168,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
         if extra is not None:
             self._num_tasks = extra.get("num_tasks") or self._num_tasks
+            self.skipped_steps = extra.get("skipped_steps", 0)
             self._load_method_state(extra)
 
     # ------------------------------------------------------------------ the method
@@ -178,23 +213,51 @@ class GradSurgery(torch.optim.Optimizer):
                 raise ValueError(f"loss {t} reaches no parameter of the optimizer")
         shared = self._shared_params(params, grads.reached)
         shared_ids = {id(p) for p in shared}
-        buffer = self._ensure_buffer(shared, T) if shared else None
+        specific = [
+            (p, [g for g in column if g is not None])
+            for p, column in zip(params, zip(*grads.grads))
+            if id(p) not in shared_ids
+        ]
+        shared_rows = [
+            {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
+        ]
         accumulate = self._pending_tasks is not None
-        if buffer is not None:
+        buffer = self._ensure_buffer(shared, T) if shared else None
+
+        # Non-finite check before any .grad changes. A fresh buffer is checked through the diagonal of
+        # its Gram matrix (free: the surgery needs it); accumulating, the incoming rows are checked
+        # before they are added, so that a refused batch leaves the accumulated ones intact.
+        G = None
+        if buffer is not None and not accumulate:
             for t in range(T):
-                row = {id(p): g for p, g in zip(params, grads.grads[t]) if g is not None and id(p) in shared_ids}
-                buffer.write(t, row, accumulate=accumulate)
-        _accumulate_plain(
-            [(p, [g for g in column if g is not None]) for p, column in zip(params, zip(*grads.grads)) if id(p) not in shared_ids]
-        )
+                buffer.write(t, shared_rows[t], accumulate=False)
+            G = _backend.gram(buffer.matrix, backend=self.backend)
+        if self.nonfinite != "propagate":
+            specific_rows = [[g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in grads.grads]
+            checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
+            bad = _nonfinite_tasks(G, checked)
+            if bad:
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient (NaN/Inf, or a squared norm that overflows) for task(s) {bad}; "
+                        "no .grad, parameter or optimizer state was changed",
+                        tasks=bad,
+                    )
+                self._skip_step = True
+                return
+        if buffer is not None and accumulate:
+            for t in range(T):
+                buffer.write(t, shared_rows[t], accumulate=True)
+        _accumulate_plain(specific)
         self._pending_losses = loss_values if self._pending_losses is None else self._pending_losses + loss_values
         self._pending_tasks = T
         self._num_tasks = T
         if buffer is not None:
-            self._surgery(buffer)
+            self._surgery(buffer, G)
 
-    def _surgery(self, buffer: SharedBuffer) -> None:
-        G = _backend.gram(buffer.matrix, backend=self.backend)
+    def _surgery(self, buffer: SharedBuffer, G: torch.Tensor | None = None) -> None:
+        if G is None:
+            G = _backend.gram(buffer.matrix, backend=self.backend)
         w = to_reduction(self.weights(G, self._pending_losses), self.reduction)
         for columns, update in buffer.groups:
             _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend)
@@ -242,7 +305,7 @@ class GradSurgery(torch.optim.Optimizer):
     def _ensure_buffer(self, shared: list[torch.Tensor], num_tasks: int) -> SharedBuffer:
         buffer = self._buffer
         if buffer is None or buffer.num_tasks != num_tasks or {id(p) for p in buffer.params} != {id(p) for p in shared}:
-            buffer = self._buffer = SharedBuffer(shared, num_tasks)
+            buffer = self._buffer = SharedBuffer(shared, num_tasks, storage_dtype=self.storage_dtype)
         return buffer
 
     # ------------------------------------------------------------------ diagnostics
@@ -262,8 +325,8 @@ class GradSurgery(torch.optim.Optimizer):
 class Sum(GradSurgery):
     """Naive summation: ``.grad`` is what ``sum(losses).backward()`` gives. The baseline."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, shared: Any = None, backend: str = "auto") -> None:
-        super().__init__(optimizer, shared=shared, backend=backend)
+    def __init__(self, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        super().__init__(optimizer, **options)
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
@@ -272,8 +335,10 @@ class Sum(GradSurgery):
 class Mean(GradSurgery):
     """The mean of the task gradients: what ``mean(losses).backward()`` gives."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, shared: Any = None, backend: str = "auto") -> None:
-        super().__init__(optimizer, shared=shared, reduction="mean", backend=backend)
+    def __init__(self, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        if "reduction" in options:
+            raise ValueError("Mean is Sum with reduction='mean'; it takes no reduction= of its own")
+        super().__init__(optimizer, reduction="mean", **options)
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
@@ -290,12 +355,10 @@ class PCGrad(GradSurgery):
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        shared: Any = None,
-        reduction: str = "sum",
         seed: int | None = None,
-        backend: str = "auto",
+        **options: Any,
     ) -> None:
-        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        super().__init__(optimizer, **options)
         params = _all_params(optimizer)
         device = params[0].device if params else torch.device("cpu")
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
@@ -320,15 +383,14 @@ class CAGrad(GradSurgery):
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        shared: Any = None,
         c: float = 0.4,
         rescale: str | None = "1+c^2",
-        reduction: str = "sum",
         max_iter: int = DEFAULT_ITERATIONS,
-        backend: str = "auto",
+        **options: Any,
     ) -> None:
         _cagrad.check_cagrad_options(c, rescale)
-        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        _check_max_iter(max_iter)
+        super().__init__(optimizer, **options)
         self.c, self.rescale, self.max_iter = c, rescale, max_iter
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -342,14 +404,13 @@ class MGDA(GradSurgery):
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        shared: Any = None,
         normalization: str = "none",
-        reduction: str = "sum",
         max_iter: int = DEFAULT_ITERATIONS,
-        backend: str = "auto",
+        **options: Any,
     ) -> None:
         _mgda.check_normalization(normalization)
-        super().__init__(optimizer, shared=shared, reduction=reduction, backend=backend)
+        _check_max_iter(max_iter)
+        super().__init__(optimizer, **options)
         self.normalization, self.max_iter = normalization, max_iter
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -367,6 +428,11 @@ def _all_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             raise ValueError(f"parameter {index} (shape {tuple(p.shape)}) appears twice in the optimizer")
         seen.add(id(p))
     return params
+
+
+def _check_max_iter(max_iter: int) -> None:
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer ≥ 1, got {max_iter!r}")
 
 
 def _check_shared(shared: Iterable[torch.Tensor] | torch.nn.Module, params: list[torch.Tensor]) -> set[int]:
@@ -436,3 +502,15 @@ def _params_upstream_of(features: torch.Tensor) -> set[int]:
     if features.grad_fn is None and features.is_leaf:
         found.add(id(features))
     return found
+
+
+def _nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]]) -> list[int]:
+    """Tasks whose squared norm ``G[t, t]`` or listed gradients are NaN/Inf. Reads ``T`` flags back: one host sync."""
+    flags = []
+    for t, tensors in enumerate(checked):
+        parts = [torch.stack(torch._foreach_norm(tensors)).isfinite().all()] if tensors else []
+        if G is not None:
+            parts.append(G[t, t].isfinite())  # the diagonal: an off-diagonal NaN blames both tasks
+        flags.append(torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool))
+    finite = torch.stack([flag.cpu() for flag in flags]).tolist()
+    return [t for t, ok in enumerate(finite) if not ok]

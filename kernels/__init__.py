@@ -7,8 +7,8 @@ whether the launchers can serve tensors on ``device``.
 Importing this package never imports Triton: the Triton kernels load on first use.
 """
 
-from ._backend import triton_available, triton_runs_on
+from ._backend import MAX_TASKS, triton_available, triton_runs_on
 from .combine import combine, combine_reference
 from .gram import gram, gram_reference
 
-__all__ = ["combine", "combine_reference", "gram", "gram_reference", "triton_available", "triton_runs_on"]
+__all__ = ["MAX_TASKS", "combine", "combine_reference", "gram", "gram_reference", "triton_available", "triton_runs_on"]

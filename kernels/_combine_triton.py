@@ -13,7 +13,8 @@ from triton import knobs
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
-@triton.jit
+# Sizes are not specialised on (only J's row stride is, for vector loads): no recompile per T or P.
+@triton.jit(do_not_specialize=["T", "P", "stride_w", "size_class"])
 def _combine_kernel(
     w,
     J,
@@ -22,7 +23,7 @@ def _combine_kernel(
     P,
     stride_w,
     stride_t,
-    p_bucket,  # only an autotuning key: a config tuned on a tiny P need not suit a huge one
+    size_class,  # only an autotuning key: a config tuned on a tiny P need not suit a huge one
     ACCUMULATE: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -49,9 +50,12 @@ def tuned_combine_kernel() -> triton.runtime.Autotuner:
     ``restore_value`` puts ``out`` back after every timing run, or ``accumulate=True`` would add the
     combination once per benchmark repetition.
     """
-    configs = [
-        triton.Config({"BLOCK_P": block}, num_warps=warps) for block in (1024, 2048, 4096) for warps in (4, 8)
-    ]
-    return triton.autotune(configs=configs, key=["T", "p_bucket", "ACCUMULATE"], restore_value=["out"])(
-        _combine_kernel
-    )
+    configs = [triton.Config({"BLOCK_P": block}, num_warps=warps) for block in (1024, 4096) for warps in (4, 8)]
+    # Keyed on a coarse size class (and, implicitly, the dtypes of w, J and out), not on T or exact P:
+    # a handful of tunings per process rather than one per parameter-buffer size.
+    return triton.autotune(configs=configs, key=["size_class"], restore_value=["out"])(_combine_kernel)
+
+
+def size_class(P: int) -> int:
+    """0: fits in cache, launch-bound; 1: mid-sized; 2: bandwidth-bound streaming."""
+    return 0 if P < 1 << 16 else 1 if P < 1 << 22 else 2

@@ -13,7 +13,9 @@ from triton import knobs
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
-@triton.jit
+# Sizes are not specialised on (only strides are, for vector loads): one binary serves every T and P
+# with the same tile width, instead of a recompile per divisibility class.
+@triton.jit(do_not_specialize=["T", "P"])
 def _gram_partials_kernel(
     J,
     partials,
@@ -38,8 +40,8 @@ def _gram_partials_kernel(
         cols = col + tl.arange(0, BLOCK_P)
         tile = tl.load(row_ptrs + cols[None, :], mask=row_mask & (cols < stop)[None, :], other=0.0)
         if UPCAST:
-            # The interpreter multiplies bf16 tiles as raw uint16 bits; bf16 products are exact in fp32,
-            # so upcasting first computes the same thing.
+            # The interpreter multiplies bf16 tiles as raw uint16 bits (triton-lang/triton#11584, not
+            # supported there); bf16 products are exact in fp32, so upcasting computes the same thing.
             tile = tile.to(tl.float32)
         # "ieee": TF32 would round fp32 inputs to 10 mantissa bits; for 16-bit inputs it changes nothing.
         acc = tl.dot(tile, tl.trans(tile), acc, input_precision="ieee")
@@ -47,7 +49,7 @@ def _gram_partials_kernel(
     tl.store(out, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "num_splits"])
 def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, ROWS: tl.constexpr):
     # Second stage: G = Σ_s partials[s], in split order. Every (i, j) reads the upper-triangle entry
     # (min, max), so G is exactly symmetric whatever rounding the first stage did.
@@ -67,5 +69,6 @@ def tuned_partials_kernel() -> triton.runtime.Autotuner:
     The column split and ``BLOCK_P`` stay with the launcher: they set the summation order, and letting the
     autotuner pick them would make the result's last bits depend on which config won in this process.
     """
-    configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (2, 3, 4)]
-    return triton.autotune(configs=configs, key=["T"])(_gram_partials_kernel)
+    configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (3, 4)]
+    # Keyed on the tile width (and, implicitly, J's dtype), not on T or P: a handful of tunings per process.
+    return triton.autotune(configs=configs, key=["BT"])(_gram_partials_kernel)

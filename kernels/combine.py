@@ -15,6 +15,9 @@ from ._checks import accumulation_dtype, check_combine_args, check_triton_dtype,
 
 _CHUNK_ELEMENTS = 1 << 22
 _INTERPRETED_BLOCK_P = 1 << 14
+# w[t]·J[t, p] + acc as one fused multiply-add (one rounding), stated rather than left to Triton's
+# default, which 3.10 flips: the default changing would change the bits.
+_FP_FUSION = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -64,13 +67,17 @@ def combine(
         return out
     from . import _combine_triton as kernels
 
-    args = (w, J, out, T, P, w.stride(0), J.stride(0), P.bit_length())
+    args = (w, J, out, T, P, w.stride(0), J.stride(0), kernels.size_class(P))
     on_cuda = J.device.type == "cuda"
     with torch.cuda.device(J.device) if on_cuda else contextlib.nullcontext():
         if kernels.INTERPRETED:
             # One wide fixed block: interpreted programs run one after another, so fewer is faster.
             block = _INTERPRETED_BLOCK_P
-            kernels._combine_kernel[(_cdiv(P, block),)](*args, ACCUMULATE=accumulate, BLOCK_P=block)
+            kernels._combine_kernel[(_cdiv(P, block),)](
+                *args, ACCUMULATE=accumulate, BLOCK_P=block, enable_fp_fusion=_FP_FUSION
+            )
         else:
-            kernels.tuned_combine_kernel()[lambda meta: (_cdiv(P, meta["BLOCK_P"]),)](*args, ACCUMULATE=accumulate)
+            kernels.tuned_combine_kernel()[lambda meta: (_cdiv(P, meta["BLOCK_P"]),)](
+                *args, ACCUMULATE=accumulate, enable_fp_fusion=_FP_FUSION
+            )
     return out

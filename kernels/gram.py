@@ -19,6 +19,8 @@ from ._checks import accumulation_dtype, check_matrix, check_triton_matrix
 _CHUNK_ELEMENTS = 1 << 22
 # Rows of G each second-stage program sums (tl.arange and tl.dot want powers of two ≥ 16).
 _REDUCE_ROWS = 16
+# Stated, not left to Triton's default (which 3.10 flips): the default changing would change the bits.
+_FP_FUSION = True
 
 
 def gram_reference(J: torch.Tensor) -> torch.Tensor:
@@ -104,9 +106,10 @@ def gram(J: torch.Tensor) -> torch.Tensor:
             BT=plan.block_t,
             BLOCK_P=plan.block_p,
             UPCAST=kernels.INTERPRETED and J.dtype == torch.bfloat16,
+            enable_fp_fusion=_FP_FUSION,
         )
         kernels._gram_reduce_kernel[(plan.block_t // _REDUCE_ROWS,)](
-            partials, G, T, plan.num_splits, BT=plan.block_t, ROWS=_REDUCE_ROWS
+            partials, G, T, plan.num_splits, BT=plan.block_t, ROWS=_REDUCE_ROWS, enable_fp_fusion=_FP_FUSION
         )
     return G
 

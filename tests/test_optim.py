@@ -319,7 +319,7 @@ def test_lr_schedulers_drive_the_wrapper(make_scheduler, recwarn) -> None:
 def test_grad_scaler_unscales_surgery_and_skips_overflow() -> None:
     model = _model()
     x, y = _data()
-    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="propagate")  # the AMP setting
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     opt.zero_grad()
     opt.backward(scaler.scale(model.losses(x, y)))
@@ -484,3 +484,80 @@ def test_duplicate_parameters_are_refused() -> None:
 def test_bad_options_are_refused_at_construction(make) -> None:
     with pytest.raises((ValueError, TypeError)):
         make(list(_model().parameters()))
+
+
+# ---------------------------------------------------------------------- non-finite gradients
+
+
+def _nan_losses(model: MultiTask, x: torch.Tensor, y: torch.Tensor, task: int, *, head_only: bool = False) -> list[torch.Tensor]:
+    losses = model.losses(x, y)
+    if head_only:  # NaN only in the head's gradient: the shared rows stay finite
+        head_out = model.heads[task](model.trunk(x).detach()).sum() * float("nan")
+        losses[task] = losses[task] + head_out
+    else:
+        losses[task] = losses[task] * float("nan")
+    return losses
+
+
+@pytest.mark.parametrize("head_only", [False, True], ids=["shared", "head"])
+@pytest.mark.parametrize("accumulating", [False, True], ids=["fresh", "accumulating"])
+def test_nonfinite_raise_names_the_task_and_changes_nothing(head_only: bool, accumulating: bool) -> None:
+    model = _model()
+    x, y = _data()
+    opt = gs.CAGrad(torch.optim.Adam(model.parameters(), lr=0.01))
+    opt.backward(model.losses(x, y))
+    opt.step()
+    opt.zero_grad()
+    if accumulating:
+        opt.backward(model.losses(x, y))
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(gs.NonFiniteGradientError, match=r"task\(s\) \[1\]") as error:
+        opt.backward(_nan_losses(model, x, y, 1, head_only=head_only))
+    assert error.value.tasks == [1]
+    _assert_unchanged(model, opt, snapshot)
+    # the accumulated gradients survive the refused batch
+    opt.backward(model.losses(x, y))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_nonfinite_skip_skips_the_step_and_counts_it() -> None:
+    model = _model()
+    x, y = _data()
+    opt = gs.MGDA(torch.optim.Adam(model.parameters(), lr=0.01), nonfinite="skip")
+    opt.backward(model.losses(x, y))
+    opt.step()
+    opt.zero_grad()
+    snapshot = _snapshot(model, opt)
+    opt.backward(_nan_losses(model, x, y, 0))
+    opt.step()
+    _assert_unchanged(model, opt, snapshot)
+    assert opt.skipped_steps == 1
+    opt.zero_grad()
+    opt.backward(model.losses(x, y))
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.state_dict()["gradsurgery"]["skipped_steps"] == 1
+
+
+def test_nonfinite_propagate_reaches_grad() -> None:
+    model = _model()
+    x, y = _data()
+    opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="propagate", seed=0)
+    opt.backward(_nan_losses(model, x, y, 2))
+    assert not torch.isfinite(model.trunk[0].weight.grad).all()
+
+
+def test_storage_dtype_halves_the_buffer_and_keeps_the_update_close() -> None:
+    model, reference = _model(), _model()
+    x, y = _data()
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1), storage_dtype=torch.bfloat16)
+    ref = gs.MGDA(torch.optim.SGD(reference.parameters(), lr=0.1))
+    opt.backward(model.losses(x, y))
+    ref.backward(reference.losses(x, y))
+    assert opt._buffer.matrix.dtype == torch.bfloat16
+    assert opt._buffer.matrix.element_size() * 2 == ref._buffer.matrix.element_size()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32
+        # bf16 rows: 8 mantissa bits, ~4e-3 relative per entry
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1), storage_dtype=torch.int8)
