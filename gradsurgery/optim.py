@@ -18,7 +18,7 @@ from .methods import mgda as _mgda
 from .methods import pcgrad as _pcgrad
 from .methods._common import check_reduction, to_reduction
 from .methods._simplex import DEFAULT_ITERATIONS
-from .taskgrads import SharedBuffer, task_gradients
+from .taskgrads import ENGINES, SharedBuffer, task_gradients
 
 Losses = Sequence[torch.Tensor] | torch.Tensor
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
@@ -56,6 +56,9 @@ class GradSurgery(torch.optim.Optimizer):
       flags back to the host once per ``backward``; ``"propagate"`` never synchronises;
     - ``storage_dtype``: dtype of the per-task buffer (e.g. ``torch.bfloat16`` halves it for fp32
       parameters; the Gram matrix is still accumulated in fp32);
+    - ``engine``: how the ``T`` per-task gradients are computed — ``"loop"`` (one backward per task),
+      ``"batched"`` (one vmapped backward, ``chunk_size`` tasks at a time; raises for a graph vmap
+      cannot batch) or ``"auto"`` (default: batched, falling back to the loop);
     - ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
 
@@ -67,6 +70,8 @@ class GradSurgery(torch.optim.Optimizer):
         reduction: str = "sum",
         nonfinite: str = "raise",
         storage_dtype: torch.dtype | None = None,
+        engine: str = "auto",
+        chunk_size: int | None = None,
         backend: str = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
@@ -76,12 +81,19 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if storage_dtype is not None and (not isinstance(storage_dtype, torch.dtype) or not storage_dtype.is_floating_point):
             raise ValueError(f"storage_dtype must be a floating-point torch.dtype, got {storage_dtype!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         params = _all_params(optimizer)
         _backend.check_backend(backend, params[0].device if params else None)
         self.optimizer = optimizer
         self.reduction = reduction
         self.nonfinite = nonfinite
         self.storage_dtype = storage_dtype
+        self.engine = engine
+        self._engine = engine
+        self.chunk_size = chunk_size
         self.backend = backend
         self.skipped_steps = 0
         self._skip_step = False
@@ -207,7 +219,9 @@ class GradSurgery(torch.optim.Optimizer):
             self._backward_features(losses, features, params, loss_values)
             self._num_tasks = T
             return
-        grads = task_gradients(losses, params)
+        grads = task_gradients(losses, params, engine=self._engine, chunk_size=self.chunk_size)
+        if self._engine == "auto" and grads.engine == "batched":
+            self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
         for t, row in enumerate(grads.reached):
             if not any(row):
                 raise ValueError(f"loss {t} reaches no parameter of the optimizer")
