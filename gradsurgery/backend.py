@@ -39,11 +39,45 @@ def resolve(backend: str, J: torch.Tensor) -> str:
     return "triton" if use_triton else "torch"
 
 
-def gram(J: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``J Jᵀ`` as a ``(T, T)`` matrix accumulated in fp32 (fp64 for fp64 ``J``)."""
-    if resolve(backend, J) == "triton":
-        return kernels.gram(J)
-    return kernels.gram_reference(J)
+# A squared norm below this has lost digits to fp32 underflow (products of entries under ~1e-19
+# fall into the denormals), so the Gram is recomputed with the rows scaled first.
+_UNDERFLOW = 1e-30
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def gram(J: torch.Tensor, *, backend: str = "auto", rescue: bool = False) -> torch.Tensor:
+    """``J Jᵀ`` as a ``(T, T)`` matrix accumulated in fp32 (fp64 for fp64 ``J``).
+
+    ``rescue=True`` checks the diagonal (one host sync): when a squared norm overflowed to Inf or
+    underflowed below ``1e-30`` although the row is finite and non-zero, the Gram is recomputed in
+    fp64 with every row divided by its largest magnitude before squaring (an extra pass over ``J``),
+    so gradients from 1e-30 to 1e30 in fp32 keep their Gram matrix.
+    """
+    G = kernels.gram(J) if resolve(backend, J) == "triton" else kernels.gram_reference(J)
+    if not rescue or J.dtype == torch.float64:
+        return G
+    diag = G.diagonal()
+    suspicious = ~torch.isfinite(diag) | (diag < _UNDERFLOW)
+    if not bool(suspicious.any()):
+        return G
+    magnitude = J.abs().amax(dim=1) if J.shape[1] else torch.zeros(J.shape[0], device=J.device)
+    rescuable = suspicious & torch.isfinite(magnitude) & (magnitude > 0)
+    if not bool(rescuable.any()):
+        return G
+    return scaled_gram(J, magnitude)
+
+
+def scaled_gram(J: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``J Jᵀ`` in fp64 computed as ``S (J/s)(J/s)ᵀ S`` with ``s`` the rows' largest magnitudes."""
+    scale = magnitude.to(torch.float64)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    T, P = J.shape
+    G = torch.zeros(T, T, dtype=torch.float64, device=J.device)
+    step = max(1, _CHUNK_ELEMENTS // max(T, 1))
+    for start in range(0, P, step):
+        block = J[:, start : start + step].to(torch.float64) / scale[:, None]
+        G.addmm_(block, block.mT)
+    return G * scale[:, None] * scale[None, :]
 
 
 def combine(

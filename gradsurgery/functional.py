@@ -5,7 +5,9 @@ Each ``J`` function is Gram → weights → combine: two passes over ``J`` and a
 
 Inputs are checked for NaN/Inf through the Gram matrix's diagonal (``T`` values, no extra pass over
 ``J``); that check is the one host synchronisation of these functions. A non-finite input raises
-:class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks.
+:class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks. A Gram matrix that overflowed
+or underflowed in fp32 although ``J`` is finite is recomputed with the rows scaled first (see
+:func:`gradsurgery.backend.gram`), so magnitudes from 1e-30 to 1e30 work in fp32.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def aggregate(
     """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``."""
     _check_J(J)
     _backend.check_backend(backend, J.device)
-    G = _backend.gram(J, backend=backend)
+    G = _backend.gram(J, backend=backend, rescue=True)
     check_finite_gram(G)
     w = weights_of(G)
     if out is None:

@@ -245,7 +245,7 @@ class GradSurgery(torch.optim.Optimizer):
         if buffer is not None and not accumulate:
             for t in range(T):
                 buffer.write(t, shared_rows[t], accumulate=False)
-            G = _backend.gram(buffer.matrix, backend=self.backend)
+            G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         if self.nonfinite != "propagate":
             specific_rows = [[g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in grads.grads]
             checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
@@ -271,7 +271,7 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _surgery(self, buffer: SharedBuffer, G: torch.Tensor | None = None) -> None:
         if G is None:
-            G = _backend.gram(buffer.matrix, backend=self.backend)
+            G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         w = to_reduction(self.weights(G, self._pending_losses), self.reduction)
         for columns, update in buffer.groups:
             _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend)
