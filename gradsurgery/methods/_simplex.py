@@ -57,14 +57,14 @@ def minimize_on_simplex(
         # Δw = −w ⊙ relative; a failed factorisation yields no step rather than NaN weights.
         relative = torch.nan_to_num(a - (w @ a) / (w @ b) * b, nan=0.0, posinf=0.0, neginf=0.0)
         direction = -w * relative
-        # Longest step keeping every weight positive, shortened to stay strictly inside.
-        longest = torch.where(relative > 0, 0.99 / relative, torch.inf).amin().clamp(max=1.0)
+        # Longest step keeping every weight positive (shortened to stay strictly inside), at most 1.
+        longest = (0.99 / relative.amax().clamp_min(0.99))
         steps = ladder * longest
         candidates = w + steps[:, None] * direction
         slope = (t * _centered(gradient(candidates, t), candidates) - 1.0 / candidates) @ direction
         # The ladder descends, ending at 0; pick the first (longest) step with slope ≤ 0.
-        descending = (slope <= 0) | (steps == 0)
-        w = candidates[descending.to(torch.uint8).argmax()]
+        chosen = ((slope <= 0) | (steps == 0)).to(torch.uint8).argmax()
+        w = candidates[chosen]
         w = w / w.sum()
         t = min(t * GROWTH, T_MAX)
     return w

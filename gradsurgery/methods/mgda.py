@@ -13,7 +13,8 @@ zero, so it cannot change the result). As in the official code, the normalised g
 ``T = 2`` uses the closed form ``α_1 = (Ĝ_22 − Ĝ_12) / (Ĝ_11 + Ĝ_22 − 2Ĝ_12)`` clipped to ``[0, 1]``
 (½ when both gradients coincide); the official code clips to ``[0.001, 0.999]`` instead. Larger ``T``
 runs the fixed-budget interior-point solver of ``_simplex``, whose Frank–Wolfe gap — and so the KKT
-residual ``αᵀ∇ − min_i ∇_i`` — is below ``1e-12`` of ``max_t ‖ĝ_t‖²`` after the default 48 iterations.
+residual ``αᵀ∇ − min_i ∇_i`` — is below ``1e-8`` of ``max_t ‖ĝ_t‖²`` after the default 48 iterations
+(typically ``1e-12``; nearly parallel gradients make the problem ill-conditioned).
 """
 
 from __future__ import annotations
