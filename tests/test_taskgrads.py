@@ -58,12 +58,16 @@ class NoBatchingRule(torch.autograd.Function):
         return torch.from_numpy(grad.detach().numpy() * 2)
 
 
-def test_auto_falls_back_to_the_loop_and_batched_raises_when_vmap_cannot_run() -> None:
+def test_auto_falls_back_to_the_loop_and_batched_raises_when_vmap_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradsurgery.taskgrads as taskgrads
+
+    monkeypatch.setattr(taskgrads, "prefers_batched", lambda device: True)  # as on CUDA
     w = nn.Parameter(torch.randn(3))
     losses = lambda: [NoBatchingRule.apply(w).sum(), (NoBatchingRule.apply(w) ** 2).sum()]  # noqa: E731
     with pytest.raises(BatchingUnsupportedError, match="batched backward cannot run"):
         task_gradients(losses(), [w], engine="batched")
     result = task_gradients(losses(), [w], engine="auto")
+    assert result.engine == "loop"
     torch.testing.assert_close(result.grads[0][0], torch.full((3,), 2.0))
     torch.testing.assert_close(result.grads[1][0], 8 * w.detach())
 
