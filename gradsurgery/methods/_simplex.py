@@ -63,8 +63,8 @@ def minimize_on_simplex(
         candidates = w + steps[:, None] * direction
         slope = (t * _centered(gradient(candidates, t), candidates) - 1.0 / candidates) @ direction
         # The ladder descends, ending at 0; pick the first (longest) step with slope ≤ 0.
-        chosen = ((slope <= 0) | (steps == 0)).to(torch.uint8).argmax()
-        w = candidates[chosen]
+        chosen = ((slope <= 0) | (steps == 0)).to(torch.uint8).argmax(dim=0, keepdim=True)
+        w = candidates.index_select(0, chosen).squeeze(0)  # indexing with a tensor would read it back
         w = w / w.sum()
         t = min(t * GROWTH, T_MAX)
     return w
