@@ -96,14 +96,18 @@ def _solve_two(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Ten
 def _solve(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, max_iter: int) -> torch.Tensor:
     # ‖g_w‖ is smoothed to sqrt(‖g_w‖² + 1/t²): off by at most 1/t, like the barrier at weight t,
     # and its curvature near g_w = 0 (~t) never dwarfs the barrier's.
-    def gradient(W: torch.Tensor, t: float) -> torch.Tensor:
-        GW = W @ G
-        norm = ((GW * W).sum(dim=-1, keepdim=True) + t**-2).sqrt()
-        return b + phi * GW / norm
-
-    def hessian(w: torch.Tensor, t: float) -> torch.Tensor:
+    def derivatives(w: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         Gw = G @ w
         norm = (w @ Gw + t**-2).sqrt()
-        return phi * (G / norm - torch.outer(Gw, Gw) / norm**3)
+        grad = b + phi * Gw / norm
+        hess = (phi / norm) * (G - torch.outer(Gw, Gw) / norm**2)
+        return grad, hess
 
-    return minimize_on_simplex(gradient, hessian, G.shape[0], like=G, iterations=max_iter)
+    def slope(w: torch.Tensor, d: torch.Tensor, steps: torch.Tensor, t: float) -> torch.Tensor:
+        # ∇f(w + s·d)·d = b·d + φ·(wᵀGd + s·dᵀGd) / sqrt(‖g_w‖² + 2s·wᵀGd + s²·dᵀGd + 1/t²)
+        Gd = G @ d
+        wGd, dGd = w @ Gd, d @ Gd
+        norm_sq = w @ G @ w + steps * (2 * wGd + steps * dGd) + t**-2
+        return b @ d + phi * (wGd + steps * dGd) / norm_sq.clamp_min(t**-2).sqrt()
+
+    return minimize_on_simplex(derivatives, slope, G.shape[0], like=G, iterations=max_iter)

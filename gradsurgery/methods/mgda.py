@@ -95,4 +95,12 @@ def _min_norm_two(G: torch.Tensor) -> torch.Tensor:
 
 
 def _min_norm(G: torch.Tensor, max_iter: int) -> torch.Tensor:
-    return minimize_on_simplex(lambda W, t: 2 * (W @ G), lambda w, t: 2 * G, G.shape[0], like=G, iterations=max_iter)
+    def derivatives(w: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return 2 * (G @ w), 2 * G
+
+    def slope(w: torch.Tensor, d: torch.Tensor, steps: torch.Tensor, t: float) -> torch.Tensor:
+        # ∇f(w + s·d)·d = 2(wᵀGd + s·dᵀGd)
+        Gd = G @ d
+        return 2 * (w @ Gd + steps * (d @ Gd))
+
+    return minimize_on_simplex(derivatives, slope, G.shape[0], like=G, iterations=max_iter)
