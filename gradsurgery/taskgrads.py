@@ -7,7 +7,7 @@ each task's row of the buffer with one multi-tensor copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch

@@ -10,7 +10,6 @@ The reported test accuracy is the one at the epoch with the best mean validation
 from __future__ import annotations
 
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from . import figures
 from .digits_data import CANVAS, MultiDigits, Split, build_multidigits
-from .methods import LABELS, METHODS, REPRESENTATION_METHODS
+from .methods import LABELS, METHODS
 from .report import MakeBar, Report, Table, num
 from .training import RunLog, SharedBottom, train
 
@@ -185,7 +184,6 @@ def describe(data: dict[str, Any]) -> tuple[list[str], list[Table]]:
         "**Δm% is relative to the single-task models (Nash-MTL convention): lower is better**, negative beats them. "
         "Step time: median wall-clock of one training step (zero_grad → step), ratio to Sum measured in the same run.",
     ]
-    notes += [f"{LABELS[m]} failed: {msg}" for m, msg in data.get("errors", {}).items()]
     rows, bold = table_rows(summary)
     table = Table(
         label="gradsurgery-multidigits",
@@ -206,7 +204,7 @@ def run_study(
     data_seed = 0
     dataset = build_multidigits(seed=data_seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
     data.update({"config": asdict(cfg), "data_seed": data_seed, "seeds": list(seeds), "cagrad_c": CAGRAD_C,
-                 "tasks": list(TASKS), "device": str(device), "runs": {}, "errors": {}})
+                 "tasks": list(TASKS), "device": str(device), "runs": {}})
     report.flush()
     all_methods = ["stl", *methods]
     steps_per_run = cfg.epochs * -(-cfg.n_train // cfg.batch_size)
@@ -215,18 +213,7 @@ def run_study(
         for seed in seeds:
             for method in all_methods:
                 bar.set_postfix_str(f"seed {seed}, {method}")
-                if method in data["errors"]:
-                    bar.update(steps_per_run)
-                    continue
-                try:
-                    result = run_method(method, dataset, cfg, seed, device, bar.update)
-                except (TypeError, NotImplementedError) as err:
-                    # A wrapper without representation mode must not sink the whole study.
-                    if method not in REPRESENTATION_METHODS:
-                        raise
-                    data["errors"][method] = f"{type(err).__name__}: {err}"
-                    print(f"\nmultidigits: {method} failed ({err}); continuing without it", file=sys.stderr)
-                    continue
+                result = run_method(method, dataset, cfg, seed, device, bar.update)
                 data["runs"].setdefault(method, {})[str(seed)] = result
                 data["summary"] = summarize(data["runs"])
                 report.flush()
