@@ -7,6 +7,8 @@ where Triton cannot run raises instead of falling back; ``"torch"`` always runs 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import kernels
@@ -43,6 +45,26 @@ def resolve(backend: str, J: torch.Tensor) -> str:
 # fall into the denormals), so the Gram is recomputed with the rows scaled first.
 _UNDERFLOW = 1e-30
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def solvers(backend: str, G: torch.Tensor) -> dict[str, Callable[..., torch.Tensor]]:
+    """The fused single-program solves to pass to the methods (``chains``/``solve``) for ``G``.
+
+    Empty — the methods' own PyTorch solvers — unless the backend resolves to Triton for ``G`` and
+    ``T ≤ kernels.SOLVE_MAX_TASKS``; an explicit ``"triton"`` beyond that limit lets the launcher's
+    error surface instead of falling back.
+    """
+    check_backend(backend, G.device)
+    T = G.shape[0]
+    if backend == "torch" or (backend == "auto" and not (G.is_cuda and T <= kernels.SOLVE_MAX_TASKS)):
+        return {}
+    if backend == "auto" and not kernels.triton_available():
+        return {}
+    return {
+        "pcgrad": kernels.pcgrad_weights_triton,
+        "mgda": kernels.min_norm_triton,
+        "cagrad": kernels.cagrad_dual_triton,
+    }
 
 
 def gram(J: torch.Tensor, *, backend: str = "auto", rescue: bool = False) -> torch.Tensor:

@@ -63,7 +63,11 @@ def pcgrad(
 ) -> torch.Tensor:
     """PCGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.pcgrad`)."""
     check_reduction(reduction)
-    return aggregate(J, lambda G: _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction), out=out, backend=backend)
+    def weights_of(G: torch.Tensor) -> torch.Tensor:
+        chains = _backend.solvers(backend, G).get("pcgrad")
+        return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction, chains=chains)
+
+    return aggregate(J, weights_of, out=out, backend=backend)
 
 
 def cagrad(
@@ -81,7 +85,8 @@ def cagrad(
     check_reduction(reduction)
 
     def weights_of(G: torch.Tensor) -> torch.Tensor:
-        return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter)
+        solve = _backend.solvers(backend, G).get("cagrad")
+        return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter, solve=solve)
 
     return aggregate(J, weights_of, out=out, backend=backend)
 
@@ -103,15 +108,21 @@ def mgda(
         raise ValueError(f'normalization="{normalization}" needs the loss values: pass losses=')
 
     def weights_of(G: torch.Tensor) -> torch.Tensor:
-        return _mgda.mgda_weights(G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter)
+        solve = _backend.solvers(backend, G).get("mgda")
+        return _mgda.mgda_weights(
+            G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter, solve=solve
+        )
 
     return aggregate(J, weights_of, out=out, backend=backend)
 
 
-def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum") -> torch.Tensor:
-    """PCGrad weights from the Gram matrix."""
+def pcgrad_weights(
+    G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum", backend: str = "auto"
+) -> torch.Tensor:
+    """PCGrad weights from the Gram matrix (pass a generator on G's device: no copy, no sync)."""
     _check_G(G)
-    return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction)
+    chains = _backend.solvers(backend, G).get("pcgrad")
+    return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction, chains=chains)
 
 
 def cagrad_weights(
@@ -121,10 +132,12 @@ def cagrad_weights(
     rescale: str | None = "1+c^2",
     reduction: str = "sum",
     max_iter: int = DEFAULT_ITERATIONS,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """CAGrad weights from the Gram matrix."""
     _check_G(G)
-    return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter)
+    solve = _backend.solvers(backend, G).get("cagrad")
+    return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter, solve=solve)
 
 
 def mgda_weights(
@@ -134,10 +147,14 @@ def mgda_weights(
     losses: Losses = None,
     reduction: str = "sum",
     max_iter: int = DEFAULT_ITERATIONS,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """MGDA weights from the Gram matrix."""
     _check_G(G)
-    return _mgda.mgda_weights(G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter)
+    solve = _backend.solvers(backend, G).get("mgda")
+    return _mgda.mgda_weights(
+        G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter, solve=solve
+    )
 
 
 def check_finite_gram(G: torch.Tensor) -> None:

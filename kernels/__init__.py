@@ -10,5 +10,18 @@ Importing this package never imports Triton: the Triton kernels load on first us
 from ._backend import MAX_TASKS, triton_available, triton_runs_on
 from .combine import combine, combine_reference
 from .gram import gram, gram_reference
+from .solve import SOLVE_MAX_TASKS, cagrad_dual_triton, min_norm_triton, pcgrad_weights_triton
 
-__all__ = ["MAX_TASKS", "combine", "combine_reference", "gram", "gram_reference", "triton_available", "triton_runs_on"]
+__all__ = [
+    "MAX_TASKS",
+    "SOLVE_MAX_TASKS",
+    "cagrad_dual_triton",
+    "combine",
+    "combine_reference",
+    "gram",
+    "gram_reference",
+    "min_norm_triton",
+    "pcgrad_weights_triton",
+    "triton_available",
+    "triton_runs_on",
+]

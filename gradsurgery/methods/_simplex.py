@@ -53,11 +53,13 @@ def minimize_on_simplex(
     t = 1.0
     for _ in range(iterations):
         grad, hess = derivatives(w, t)
-        chol, _ = torch.linalg.cholesky_ex(torch.addcmul(eye, hess, torch.outer(w, w), value=t))
+        chol, info = torch.linalg.cholesky_ex(torch.addcmul(eye, hess, torch.outer(w, w), value=t))
         rhs = torch.stack((w * (t * _centered(grad, w)) - 1.0, w), dim=1)
         a, b = torch.cholesky_solve(rhs, chol).unbind(1)
-        # Δw = −w ⊙ relative; a failed factorisation yields no step rather than NaN weights.
+        # Δw = −w ⊙ relative. A failed factorisation leaves a finite but meaningless partial factor
+        # (LAPACK and cuSOLVER differ): it, like a NaN, yields no step.
         relative = torch.nan_to_num(a - (w @ a) / (w @ b) * b, nan=0.0, posinf=0.0, neginf=0.0)
+        relative = torch.where(info == 0, relative, torch.zeros_like(relative))
         direction = -w * relative
         # Longest step keeping every weight positive (shortened to stay strictly inside), at most 1.
         steps = ladder * (0.99 / relative.amax().clamp_min(0.99))

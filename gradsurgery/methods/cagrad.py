@@ -17,6 +17,8 @@ normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` alo
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
@@ -48,8 +50,13 @@ def cagrad_weights(
     rescale: str | None = "1+c^2",
     reduction: str = "sum",
     max_iter: int = DEFAULT_ITERATIONS,
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the CAGrad update."""
+    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the CAGrad update.
+
+    ``solve(G_normalized, b, phi, max_iter)`` finds the dual solution for ``T ≥ 3`` (default: the
+    interior-point solver here); the backend passes the fused kernel.
+    """
     check_gram(G)
     check_cagrad_options(c, rescale)
     check_reduction(reduction)
@@ -59,7 +66,7 @@ def cagrad_weights(
     Gn = normalized(G)
     b = Gn.sum(dim=1) / T
     phi = c * Gn.sum().clamp_min(0).sqrt() / T
-    w_star = _solve_two(Gn, b, phi) if T == 2 else _solve(Gn, b, phi, max_iter)
+    w_star = _solve_two(Gn, b, phi) if T == 2 else (solve or _solve)(Gn, b, phi, max_iter)
     norm = (w_star @ Gn @ w_star).clamp_min(0).sqrt()
     lam = torch.where(norm > 0, phi / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     divisor = {"1+c^2": 1 + c**2, "1+c": 1 + c, None: 1.0}[rescale]

@@ -19,6 +19,8 @@ another task's head gradient (here: only shared parameters are projected); and i
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ._common import check_gram, check_reduction, symmetric64, to_reduction
@@ -62,10 +64,20 @@ def pcgrad_coefficients(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
 
 
 def pcgrad_weights(
-    G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum"
+    G: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+    chains: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Weights ``w = Σ_i c_i`` (float64, on G's device) with ``d = wᵀJ`` the PCGrad update."""
+    """Weights ``w = Σ_i c_i`` (float64, on G's device) with ``d = wᵀJ`` the PCGrad update.
+
+    ``chains(G, orders)`` computes ``Σ_i c_i`` (default: :func:`pcgrad_coefficients`, summed); the
+    backend passes the fused kernel here. The generator should live on G's device: drawing on another
+    device and copying over would synchronise.
+    """
     check_gram(G)
     check_reduction(reduction)
     orders = random_orders(G.shape[0], generator=generator, device=G.device)
-    return to_reduction(pcgrad_coefficients(G, orders).sum(dim=0), reduction)
+    w = pcgrad_coefficients(G, orders).sum(dim=0) if chains is None else chains(G, orders)
+    return to_reduction(w, reduction)

@@ -65,3 +65,14 @@ def test_explicit_triton_where_it_cannot_run_raises_at_construction(monkeypatch:
     monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
     with pytest.raises(ValueError, match='backend="triton" cannot run'):
         gs.MGDA(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), backend="triton")
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad", "mgda"])
+def test_functional_weights_through_the_fused_solves_match_the_torch_solvers(method: str) -> None:
+    J = torch.randn(5, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+    G = J @ J.T
+    run = getattr(F, f"{method}_weights")
+    kwargs = lambda: {"generator": torch.Generator(device=DEVICE).manual_seed(1)} if method == "pcgrad" else {}  # noqa: E731
+    fused = run(G, backend="triton", **kwargs())
+    plain = run(G, backend="torch", **kwargs())
+    torch.testing.assert_close(fused, plain, rtol=1e-9, atol=1e-12)
