@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import backend as _backend
+from . import distributed as _distributed
 from .errors import NonFiniteGradientError
 from .methods import cagrad as _cagrad
 from .methods import mgda as _mgda
@@ -58,8 +59,14 @@ class GradSurgery(torch.optim.Optimizer):
       parameters; the Gram matrix is still accumulated in fp32);
     - ``engine``: how the ``T`` per-task gradients are computed — ``"loop"`` (one backward per task),
       ``"batched"`` (one vmapped backward, ``chunk_size`` tasks at a time; raises for a graph vmap
-      cannot batch) or ``"auto"`` (default: batched, falling back to the loop);
-    - ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``.
+      cannot batch) or ``"auto"`` (default: the loop on the CPU, where it measured faster; batched
+      on CUDA, falling back to the loop);
+    - ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``;
+    - ``process_group``: the ``torch.distributed`` group to train over (default: the default group when
+      torch.distributed is initialised, otherwise a single process; a group of one is a single process);
+    - ``sync``: ``"exact"`` (default: single-process training on the concatenated batch), ``"local"``
+      (surgery per rank, final gradients averaged: an approximation) or ``"sharded"`` (``exact``'s
+      answer, less communication); see :mod:`gradsurgery.distributed`.
     """
 
     def __init__(
@@ -73,6 +80,8 @@ class GradSurgery(torch.optim.Optimizer):
         engine: str = "auto",
         chunk_size: int | None = None,
         backend: str = "auto",
+        process_group: Any = None,
+        sync: str = "exact",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
@@ -85,6 +94,7 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        _distributed.check_sync(sync)
         params = _all_params(optimizer)
         _backend.check_backend(backend, params[0].device if params else None)
         self.optimizer = optimizer
@@ -95,6 +105,8 @@ class GradSurgery(torch.optim.Optimizer):
         self._engine = engine
         self.chunk_size = chunk_size
         self.backend = backend
+        self.sync = sync
+        self._dist = _distributed.connect(process_group, sync)  # None: a single process
         self.skipped_steps = 0
         self._skip_step = False
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
@@ -205,6 +217,8 @@ class GradSurgery(torch.optim.Optimizer):
         weights come from the Gram matrix of ``∂L_t/∂features`` and one backward through the encoder
         carries ``Σ_t w_t ∂L_t/∂features``; the heads get their own plain gradients.
         """
+        if self._dist is not None:
+            return self._dist.backward(self, losses, features)
         losses = _check_losses(losses)
         T = len(losses)
         if self._pending_tasks is not None and T != self._pending_tasks:
@@ -219,7 +233,17 @@ class GradSurgery(torch.optim.Optimizer):
             self._backward_features(losses, features, params, loss_values)
             self._num_tasks = T
             return
-        grads = task_gradients(losses, params, engine=self._engine, chunk_size=self.chunk_size)
+        accumulate = self._pending_tasks is not None
+        # With a buffer laid out and nothing accumulated, each task's shared gradients go into its
+        # row as soon as they exist, so at most one task's full gradient is alive besides the buffer.
+        early = None if accumulate or self._buffer is None else self._buffer
+        grads = task_gradients(
+            losses,
+            params,
+            engine=self._engine,
+            chunk_size=self.chunk_size,
+            on_task=None if early is None else lambda t, row: _write_row(early, t, params, row),
+        )
         if self._engine == "auto" and grads.engine == "batched":
             self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
         for t, row in enumerate(grads.reached):
@@ -235,16 +259,17 @@ class GradSurgery(torch.optim.Optimizer):
         shared_rows = [
             {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
         ]
-        accumulate = self._pending_tasks is not None
         buffer = self._ensure_buffer(shared, T) if shared else None
+        if early is not None and buffer is not early and buffer is not None:
+            buffer.copy_rows_from(early)  # the layout grew: keep the rows already written
 
         # Non-finite check before any .grad changes. A fresh buffer is checked through the diagonal of
         # its Gram matrix (free: the surgery needs it); accumulating, the incoming rows are checked
         # before they are added, so that a refused batch leaves the accumulated ones intact.
         G = None
         if buffer is not None and not accumulate:
-            for t in range(T):
-                buffer.write(t, shared_rows[t], accumulate=False)
+            for t in range(T):  # what was not written early (everything, without a layout yet)
+                buffer.write(t, shared_rows[t], accumulate=False, zero_missing=early is None)
             G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         if self.nonfinite != "propagate":
             specific_rows = [[g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in grads.grads]
@@ -376,11 +401,14 @@ class PCGrad(GradSurgery):
         params = _all_params(optimizer)
         device = params[0].device if params else torch.device("cpu")
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        if seed is None and self._dist is not None:
+            self.seed = self._dist.broadcast_seed(self.seed)  # every rank must draw the same orders
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.seed)
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return _pcgrad.pcgrad_weights(G, generator=self.generator)
+        chains = _backend.solvers(self.backend, G).get("pcgrad")
+        return _pcgrad.pcgrad_weights(G, generator=self.generator, chains=chains)
 
     def _method_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "generator": self.generator.get_state()}
@@ -408,7 +436,8 @@ class CAGrad(GradSurgery):
         self.c, self.rescale, self.max_iter = c, rescale, max_iter
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return _cagrad.cagrad_weights(G, c=self.c, rescale=self.rescale, max_iter=self.max_iter)
+        solve = _backend.solvers(self.backend, G).get("cagrad")
+        return _cagrad.cagrad_weights(G, c=self.c, rescale=self.rescale, max_iter=self.max_iter, solve=solve)
 
 
 class MGDA(GradSurgery):
@@ -428,7 +457,8 @@ class MGDA(GradSurgery):
         self.normalization, self.max_iter = normalization, max_iter
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return _mgda.mgda_weights(G, normalization=self.normalization, losses=losses, max_iter=self.max_iter)
+        solve = _backend.solvers(self.backend, G).get("mgda")
+        return _mgda.mgda_weights(G, normalization=self.normalization, losses=losses, max_iter=self.max_iter, solve=solve)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -518,13 +548,25 @@ def _params_upstream_of(features: torch.Tensor) -> set[int]:
     return found
 
 
+def _write_row(
+    buffer: SharedBuffer, task: int, params: list[torch.Tensor], row: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Copy ``row``'s gradients of the buffer's parameters into row ``task``; return the rest."""
+    held = {id(p) for p in buffer.params}
+    buffer.write(task, {id(p): g for p, g in zip(params, row) if g is not None and id(p) in held}, accumulate=False)
+    return [None if id(p) in held else g for p, g in zip(params, row)]
+
+
 def _nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]]) -> list[int]:
     """Tasks whose squared norm ``G[t, t]`` or listed gradients are NaN/Inf. Reads ``T`` flags back: one host sync."""
-    flags = []
-    for t, tensors in enumerate(checked):
-        parts = [torch.stack(torch._foreach_norm(tensors)).isfinite().all()] if tensors else []
-        if G is not None:
-            parts.append(G[t, t].isfinite())  # the diagonal: an off-diagonal NaN blames both tasks
-        flags.append(torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool))
-    finite = torch.stack([flag.cpu() for flag in flags]).tolist()
-    return [t for t, ok in enumerate(finite) if not ok]
+    T = len(checked)
+    tensors = [g for row in checked for g in row]
+    device = G.device if G is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    bad = torch.zeros(T, dtype=torch.bool, device=device)
+    if tensors:
+        owner = torch.tensor([t for t, row in enumerate(checked) for _ in row], device=device)
+        norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors)])
+        bad |= torch.zeros(T, device=device).index_add_(0, owner, (~norms.isfinite()).float()) > 0
+    if G is not None:
+        bad |= ~G.diagonal().isfinite()  # the diagonal: an off-diagonal NaN would blame both tasks
+    return bad.nonzero().flatten().tolist()

@@ -8,7 +8,7 @@ each task's row of the buffer with one multi-tensor copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ def task_gradients(
     *,
     engine: str = "loop",
     chunk_size: int | None = None,
+    on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
 ) -> TaskGradients:
     """``∂L_t/∂inputs`` for every task, ``None`` where a task does not reach an input.
 
@@ -45,13 +46,23 @@ def task_gradients(
     ``bench/results/``), and tries ``"batched"`` on CUDA (fewer, larger kernels), keeping the graph
     alive to fall back to the loop if batching fails; a caller that saw it succeed can then ask for
     ``"batched"``, which frees the graph as it goes. A single task always runs the loop.
+
+    ``on_task(t, row)`` receives each task's gradients as soon as they exist (the loop engine frees a
+    task's gradients before the next backward if ``on_task`` consumed them) and returns what to keep;
+    ``reached`` always describes the full row.
     """
     if engine == "auto" and len(losses) > 1 and prefers_batched(losses[0].device):
         try:
-            return _batched(losses, inputs, chunk_size, keep_graph=True)
+            result = _batched(losses, inputs, chunk_size, keep_graph=True)
         except BatchingUnsupportedError:
-            return _loop(losses, inputs)
-    return _batched(losses, inputs, chunk_size) if engine == "batched" else _loop(losses, inputs)
+            return _loop(losses, inputs, on_task)
+    elif engine == "batched":
+        result = _batched(losses, inputs, chunk_size)
+    else:
+        return _loop(losses, inputs, on_task)
+    if on_task is not None:
+        result.grads = [on_task(t, row) for t, row in enumerate(result.grads)]
+    return result
 
 
 def prefers_batched(device: torch.device) -> bool:
@@ -59,12 +70,19 @@ def prefers_batched(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _loop(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> TaskGradients:
+def _loop(
+    losses: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
+) -> TaskGradients:
     grads: list[list[torch.Tensor | None]] = []
+    reached: list[list[bool]] = []
     last = len(losses) - 1
     for t, loss in enumerate(losses):
-        grads.append(list(torch.autograd.grad(loss, inputs, retain_graph=t < last, allow_unused=True)))
-    return TaskGradients(grads, [[g is not None for g in row] for row in grads], "loop")
+        row = list(torch.autograd.grad(loss, inputs, retain_graph=t < last, allow_unused=True))
+        reached.append([g is not None for g in row])
+        grads.append(row if on_task is None else on_task(t, row))
+    return TaskGradients(grads, reached, "loop")
 
 
 def _batched(
@@ -167,11 +185,12 @@ class SharedBuffer:
     def num_tasks(self) -> int:
         return self.matrix.shape[0]
 
-    def write(self, task: int, grads: dict[int, torch.Tensor], *, accumulate: bool) -> None:
-        """Row ``task`` ← (or +=) the given gradients, keyed by id(parameter); a missing one counts as zero."""
+    def write(self, task: int, grads: dict[int, torch.Tensor], *, accumulate: bool, zero_missing: bool = True) -> None:
+        """Row ``task`` ← (or +=) the given gradients, keyed by id(parameter); a missing one counts as
+        zero (``zero_missing=False``: its entries are left as they are)."""
         views = self.row_views[task]
         present = [(v, grads[id(p)]) for v, p in zip(views, self.params) if id(p) in grads]
-        if not accumulate:
+        if not accumulate and zero_missing:
             absent = [v for v, p in zip(views, self.params) if id(p) not in grads]
             if absent:
                 torch._foreach_zero_(absent)
@@ -181,6 +200,14 @@ class SharedBuffer:
                 torch._foreach_add_(targets, [s.to(self.matrix.dtype) for s in sources])
             else:
                 torch._foreach_copy_(targets, sources)
+
+    def copy_rows_from(self, other: SharedBuffer) -> None:
+        """Copy every row of the parameters both buffers hold (same number of tasks)."""
+        position = {id(p): i for i, p in enumerate(other.params)}
+        for t in range(min(self.num_tasks, other.num_tasks)):
+            pairs = [(view, other.row_views[t][position[id(p)]]) for view, p in zip(self.row_views[t], self.params) if id(p) in position]
+            if pairs:
+                torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
 
     def attach_grads(self) -> None:
         """Make every shared parameter's ``.grad`` its view of the update (again, after ``set_to_none``)."""

@@ -574,3 +574,26 @@ def test_storage_dtype_halves_the_buffer_and_keeps_the_update_close() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
     with pytest.raises(ValueError, match="storage_dtype"):
         gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1), storage_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_parameter_that_becomes_shared_joins_the_buffer_with_the_rows_written_so_far(engine: str) -> None:
+    torch.manual_seed(0)
+    trunk = nn.Parameter(torch.randn(5))
+    extra = nn.Parameter(torch.randn(5))
+    targets = torch.randn(3, 5)
+
+    def losses(extra_users: int) -> list[torch.Tensor]:
+        return [((trunk + (extra if t < extra_users else 0) - targets[t]) ** 2).sum() * (t + 1) for t in range(3)]
+
+    opt = gs.MGDA(torch.optim.SGD([trunk, extra], lr=0.0), engine=engine)
+    opt.backward(losses(1))  # extra: task 0 only, so task-specific
+    assert [id(p) for p in opt._buffer.params] == [id(trunk)]
+    opt.zero_grad()
+    opt.backward(losses(2))  # extra now reached by two tasks: shared
+    assert {id(p) for p in opt._buffer.params} == {id(trunk), id(extra)}
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [trunk, extra], allow_unused=True, materialize_grads=True)])
+            for loss in losses(2)]
+    J = torch.stack(rows).double()
+    d = (F.mgda_weights(J @ J.T) @ J).float()
+    torch.testing.assert_close(torch.cat([trunk.grad, extra.grad]), d, rtol=1e-5, atol=1e-5)
