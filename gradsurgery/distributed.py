@@ -63,7 +63,7 @@ import torch.distributed as dist
 from . import backend as _backend
 from .errors import NonFiniteGradientError
 from .methods._common import to_reduction
-from .taskgrads import SharedBuffer, task_gradients
+from .taskgrads import SharedBuffer
 
 if TYPE_CHECKING:
     from .optim import GradSurgery
@@ -273,56 +273,24 @@ class DistributedSync:
 
     def _prepare(self, opt: GradSurgery, losses: Any, features: torch.Tensor | None) -> _Local:
         """Everything ``GradSurgery.backward`` does before it writes: checks and per-task gradients."""
-        from .optim import _all_params, _check_losses, _params_upstream_of
-
-        losses = _check_losses(losses)
+        losses, params, loss_values = opt._begin(losses)
         T = len(losses)
-        if opt._pending_tasks is not None and T != opt._pending_tasks:
-            raise ValueError(f"got {T} losses, but {opt._pending_tasks} were accumulated since zero_grad()")
-        if opt._buffer is None and opt._num_tasks is not None and T != opt._num_tasks:
-            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {opt._num_tasks}")
-        params = [p for p in _all_params(opt.optimizer) if p.requires_grad]
-        if not params:
-            raise ValueError("the optimizer holds no parameter that requires grad")
-        loss_values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
         if features is not None:
-            if not isinstance(features, torch.Tensor) or not features.requires_grad:
-                raise ValueError("features must be a tensor that requires grad (the encoder's output)")
-            upstream = _params_upstream_of(features)
-            encoder = [p for p in params if id(p) in upstream]
-            if not encoder:
-                raise ValueError("features does not lead to any parameter of the optimizer: pass the encoder's output")
-            heads = [p for p in params if id(p) not in upstream]
-            rows, head_grads = [], []
-            for t, loss in enumerate(losses):
-                grads = torch.autograd.grad(loss, [features, *heads], retain_graph=True, allow_unused=True)
-                if grads[0] is None:
-                    raise ValueError(f"loss {t} does not depend on features")
-                rows.append(grads[0].reshape(-1))
-                head_grads.append(grads[1:])
-            specific = [(p, [g for g in column if g is not None]) for p, column in zip(heads, zip(*head_grads))]
-            specific = [(p, g) for p, g in specific if g]
-            return _Local(T, params, loss_values, encoder, specific, features=features, feature_rows=torch.stack(rows))
-        grads = task_gradients(losses, params, engine=opt._engine, chunk_size=opt.chunk_size)
-        if opt._engine == "auto" and grads.engine == "batched":
-            opt._engine = "batched"
-        for t, row in enumerate(grads.reached):
-            if not any(row):
-                raise ValueError(f"loss {t} reaches no parameter of the optimizer")
-        shared = opt._shared_params(params, grads.reached)
-        shared_ids = {id(p) for p in shared}
-        specific = [
-            (p, [g for g in column if g is not None])
-            for p, column in zip(params, zip(*grads.grads))
-            if id(p) not in shared_ids
-        ]
-        shared_rows = [
-            {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
-        ]
-        local = _Local(T, params, loss_values, shared, [(p, g) for p, g in specific if g], shared_rows)
+            prepared_features = opt._feature_gradients(losses, features, params)
+            return _Local(
+                T,
+                params,
+                loss_values,
+                prepared_features.encoder,
+                prepared_features.specific,
+                features=features,
+                feature_rows=prepared_features.rows,
+            )
+        prepared = opt._task_gradients(losses, params)
+        local = _Local(T, params, loss_values, prepared.shared, prepared.specific, prepared.shared_rows)
         if opt.nonfinite != "propagate":
-            local.task_grads = grads.grads
-            local.suspects = _suspect_flags(grads.grads, params[0].device)
+            local.task_grads = prepared.grads
+            local.suspects = _suspect_flags(prepared.grads, params[0].device)
         return local
 
     def _agree(self, opt: GradSurgery, local: _Local | None, error: Exception | None) -> None:

@@ -7,6 +7,7 @@ combines, ``methods`` turns the Gram matrix into weights.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -23,6 +24,26 @@ from .taskgrads import ENGINES, SharedBuffer, task_gradients
 
 Losses = Sequence[torch.Tensor] | torch.Tensor
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+SpecificGradients = list[tuple[torch.Tensor, list[torch.Tensor]]]  # a parameter and its tasks' gradients
+
+
+@dataclass
+class PreparedGradients:
+    """Parameter mode, before anything is written: what the tasks' gradients are and where they go."""
+
+    grads: list[list[torch.Tensor | None]]  # per task, per trainable parameter (None: not reached)
+    shared: list[torch.Tensor]
+    shared_rows: list[dict[int, torch.Tensor]]  # per task: id(shared parameter) → its gradient not yet written
+    specific: SpecificGradients
+
+
+@dataclass
+class FeatureGradients:
+    """Representation mode, before anything is written."""
+
+    encoder: list[torch.Tensor]  # the parameters upstream of the features
+    rows: torch.Tensor  # (T, numel of features): ∂L_t/∂features
+    specific: SpecificGradients  # the heads' plain gradients
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -219,16 +240,8 @@ class GradSurgery(torch.optim.Optimizer):
         """
         if self._dist is not None:
             return self._dist.backward(self, losses, features)
-        losses = _check_losses(losses)
+        losses, params, loss_values = self._begin(losses)
         T = len(losses)
-        if self._pending_tasks is not None and T != self._pending_tasks:
-            raise ValueError(f"got {T} losses, but {self._pending_tasks} were accumulated since zero_grad()")
-        if self._buffer is None and self._num_tasks is not None and T != self._num_tasks:
-            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._num_tasks}")
-        params = [p for p in _all_params(self.optimizer) if p.requires_grad]
-        if not params:
-            raise ValueError("the optimizer holds no parameter that requires grad")
-        loss_values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
         if features is not None:
             self._backward_features(losses, features, params, loss_values)
             self._num_tasks = T
@@ -237,28 +250,10 @@ class GradSurgery(torch.optim.Optimizer):
         # With a buffer laid out and nothing accumulated, each task's shared gradients go into its
         # row as soon as they exist, so at most one task's full gradient is alive besides the buffer.
         early = None if accumulate or self._buffer is None else self._buffer
-        grads = task_gradients(
-            losses,
-            params,
-            engine=self._engine,
-            chunk_size=self.chunk_size,
-            on_task=None if early is None else lambda t, row: _write_row(early, t, params, row),
-        )
-        if self._engine == "auto" and grads.engine == "batched":
-            self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
-        for t, row in enumerate(grads.reached):
-            if not any(row):
-                raise ValueError(f"loss {t} reaches no parameter of the optimizer")
-        shared = self._shared_params(params, grads.reached)
+        on_task = None if early is None else lambda t, row: _write_row(early, t, params, row)
+        prepared = self._task_gradients(losses, params, on_task=on_task)
+        shared, shared_rows, specific = prepared.shared, prepared.shared_rows, prepared.specific
         shared_ids = {id(p) for p in shared}
-        specific = [
-            (p, [g for g in column if g is not None])
-            for p, column in zip(params, zip(*grads.grads))
-            if id(p) not in shared_ids
-        ]
-        shared_rows = [
-            {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
-        ]
         buffer = self._ensure_buffer(shared, T) if shared else None
         if early is not None and buffer is not early and buffer is not None:
             buffer.copy_rows_from(early)  # the layout grew: keep the rows already written
@@ -272,7 +267,9 @@ class GradSurgery(torch.optim.Optimizer):
                 buffer.write(t, shared_rows[t], accumulate=False, zero_missing=early is None)
             G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         if self.nonfinite != "propagate":
-            specific_rows = [[g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in grads.grads]
+            specific_rows = [
+                [g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in prepared.grads
+            ]
             checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
             bad = _nonfinite_tasks(G, checked)
             if bad:
@@ -306,10 +303,64 @@ class GradSurgery(torch.optim.Optimizer):
     def _backward_features(
         self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor], loss_values: torch.Tensor
     ) -> None:
+        prepared = self._feature_gradients(losses, features, params)
+        J = prepared.rows
+        G = _backend.gram(J, backend=self.backend)
+        w = to_reduction(self.weights(G, loss_values), self.reduction)
+        combined = _backend.combine(w, J, torch.empty(J.shape[1], dtype=J.dtype, device=J.device), backend=self.backend)
+        _accumulate_plain(prepared.specific)
+        features.backward(combined.view_as(features))
+        self.last_gram, self.last_weights = G, w
+
+    def _begin(self, losses: Losses) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Checks shared by every backward: the losses, the trainable parameters, the loss values."""
+        losses = _check_losses(losses)
+        T = len(losses)
+        if self._pending_tasks is not None and T != self._pending_tasks:
+            raise ValueError(f"got {T} losses, but {self._pending_tasks} were accumulated since zero_grad()")
+        if self._buffer is None and self._num_tasks is not None and T != self._num_tasks:
+            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._num_tasks}")
+        params = [p for p in _all_params(self.optimizer) if p.requires_grad]
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad")
+        loss_values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
+        return losses, params, loss_values
+
+    def _task_gradients(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
+    ) -> PreparedGradients:
+        """Per-task gradients, checked, split into the shared rows and the task-specific ones."""
+        grads = task_gradients(losses, params, engine=self._engine, chunk_size=self.chunk_size, on_task=on_task)
+        if self._engine == "auto" and grads.engine == "batched":
+            self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
+        for t, row in enumerate(grads.reached):
+            if not any(row):
+                raise ValueError(f"loss {t} reaches no parameter of the optimizer")
+        shared = self._shared_params(params, grads.reached)
+        shared_ids = {id(p) for p in shared}
+        specific = [
+            (p, [g for g in column if g is not None])
+            for p, column in zip(params, zip(*grads.grads))
+            if id(p) not in shared_ids
+        ]
+        shared_rows = [
+            {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
+        ]
+        return PreparedGradients(grads.grads, shared, shared_rows, [(p, g) for p, g in specific if g])
+
+    def _feature_gradients(
+        self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor]
+    ) -> FeatureGradients:
+        """Representation mode: ``∂L_t/∂features`` per task and the heads' plain gradients."""
         if not isinstance(features, torch.Tensor) or not features.requires_grad:
             raise ValueError("features must be a tensor that requires grad (the encoder's output)")
         upstream = _params_upstream_of(features)
-        if not any(id(p) in upstream for p in params):
+        encoder = [p for p in params if id(p) in upstream]
+        if not encoder:
             raise ValueError("features does not lead to any parameter of the optimizer: pass the encoder's output")
         heads = [p for p in params if id(p) not in upstream]
         rows = []
@@ -320,13 +371,8 @@ class GradSurgery(torch.optim.Optimizer):
                 raise ValueError(f"loss {t} does not depend on features")
             rows.append(grads[0].reshape(-1))
             head_grads.append(list(grads[1:]))
-        J = torch.stack(rows)
-        G = _backend.gram(J, backend=self.backend)
-        w = to_reduction(self.weights(G, loss_values), self.reduction)
-        combined = _backend.combine(w, J, torch.empty_like(rows[0]), backend=self.backend)
-        _accumulate_plain([(p, [g for g in column if g is not None]) for p, column in zip(heads, zip(*head_grads))])
-        features.backward(combined.view_as(features))
-        self.last_gram, self.last_weights = G, w
+        specific = [(p, [g for g in column if g is not None]) for p, column in zip(heads, zip(*head_grads))]
+        return FeatureGradients(encoder, torch.stack(rows), [(p, g) for p, g in specific if g])
 
     def _shared_params(self, params: list[torch.Tensor], reached: list[list[bool]]) -> list[torch.Tensor]:
         if self._explicit_shared is not None:
