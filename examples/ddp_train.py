@@ -25,16 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsurgery as gs
-
-
-def make_data(tasks: int = 3, samples: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and one target per task; tasks 0 and 1 pull the shared features in opposite directions."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, 16, generator=gen)
-    directions = torch.randn(tasks, 16, generator=gen)
-    directions[1] = -directions[0] + 0.3 * directions[1]
-    y = torch.tanh(x @ directions.T) + 0.05 * torch.randn(samples, tasks, generator=gen)
-    return x, y
+from train_multitask import make_data  # the same generated tasks as the single-process example
 
 
 class Model(nn.Module):
@@ -71,7 +62,7 @@ def main() -> None:
     local_batch = args.global_batch // world
 
     torch.manual_seed(0)
-    x, y = (t.to(device) for t in make_data())
+    x, y = (t.to(device) for t in make_data(samples=1024))
     model = Model(tasks=y.shape[1]).to(device)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
     # seed=None would work too: rank 0's drawn seed is shared at construction
