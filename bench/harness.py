@@ -134,7 +134,14 @@ def _quartiles(samples: list[float]) -> tuple[float, float]:
 # ---------------------------------------------------------------------- memory
 
 
-def peak_memory_during(factory: Callable[[], Callable[[], object]], *, calls: int = 2, threads: int | None = None) -> dict[str, int]:
+def peak_memory_during(
+    factory: Callable[[], Callable[[], object]],
+    *,
+    calls: int = 2,
+    threads: int | None = None,
+    steady_calls: int = 0,
+    mmap_threshold: int | None = None,
+) -> dict[str, int]:
     """Peak extra resident memory (bytes) of ``calls`` calls of ``factory()``, in a fresh interpreter.
 
     ``factory`` must be picklable (a module-level function or a ``functools.partial`` of one): the
@@ -142,27 +149,61 @@ def peak_memory_during(factory: Callable[[], Callable[[], object]], *, calls: in
     high-water mark (``/proc/self/clear_refs``), then runs the step. Returns ``baseline_rss`` (bytes
     resident before the first call), ``peak_rss`` and ``peak_extra = peak_rss − baseline_rss``; the
     extra includes whatever the first calls allocate for good (optimizer state, a wrapper's buffers).
-    Linux only.
+
+    ``steady_calls > 0`` then resets the high-water mark again and runs that many more calls:
+    ``steady_peak_rss`` and ``steady_peak_extra`` (still over the same ``baseline_rss``, so what the
+    first calls kept counts) are the peak of a later step, without what only the first calls needed
+    for a while.
+
+    ``mmap_threshold`` (bytes) starts the child with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed: every
+    allocation from that size up gets its own mapping, returned to the system when freed. By default
+    glibc raises the threshold after the first large free and serves later large tensors from its heap,
+    which it keeps resident after they are freed, so the resident set then depends on the order of
+    earlier allocations; with a fixed threshold it follows the live large tensors. Linux (glibc) only.
     """
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_peak_memory_child, (factory, calls, threads))
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if mmap_threshold is not None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
+    try:
+        with context.Pool(1) as pool:
+            return pool.apply(_peak_memory_child, (factory, calls, threads, steady_calls))
+    finally:
+        if mmap_threshold is not None:
+            if saved is None:
+                del os.environ["MALLOC_MMAP_THRESHOLD_"]
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
-def _peak_memory_child(factory: Callable[[], Callable[[], object]], calls: int, threads: int | None) -> dict[str, int]:
+def _peak_memory_child(
+    factory: Callable[[], Callable[[], object]], calls: int, threads: int | None, steady_calls: int = 0
+) -> dict[str, int]:
     import gc
 
     if threads is not None:
         torch.set_num_threads(threads)
     step = factory()
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    _reset_peak_rss()
     baseline = _proc_status_bytes("VmRSS")
     for _ in range(calls):
         step()
     peak = _proc_status_bytes("VmHWM")
-    return {"baseline_rss": baseline, "peak_rss": peak, "peak_extra": peak - baseline}
+    result = {"baseline_rss": baseline, "peak_rss": peak, "peak_extra": peak - baseline}
+    if steady_calls > 0:
+        gc.collect()
+        _reset_peak_rss()
+        for _ in range(steady_calls):
+            step()
+        steady = _proc_status_bytes("VmHWM")
+        result.update(steady_peak_rss=steady, steady_peak_extra=steady - baseline)
+    return result
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 
 
 def _proc_status_bytes(field: str) -> int:
