@@ -22,10 +22,10 @@ class StudyConfig:
     conflict: ConflictConfig
 
 
-# Sized to each preset's wall-clock budget on 2 CPU cores. The toy's 2-parameter steps cost ~1 ms of
+# Sized to each preset's wall-clock budget on 2 CPU cores. The toy's 2-parameter steps cost ~2 ms of
 # Python overhead each and run in a second process beside the other two studies, so the default run
-# affords 20,000 of the paper's 100,000 steps per trajectory (12 trajectories ≈ 4–5 minutes on one
-# core); only --full runs all 100,000.
+# (about 4 minutes on an idle machine; 2.8 minutes with 10,000 toy steps and 9/12 epochs) affords
+# 15,000 of the paper's 100,000 steps per trajectory; only --full runs all 100,000.
 _PRESETS: dict[str, tuple[int, ToyConfig, DigitsConfig, ConflictConfig]] = {
     "quick": (
         2,
@@ -36,10 +36,10 @@ _PRESETS: dict[str, tuple[int, ToyConfig, DigitsConfig, ConflictConfig]] = {
     ),
     "default": (
         3,
-        ToyConfig(steps=20_000, pareto_weights=101, trajectory_points=500),
-        DigitsConfig(n_train=6000, n_val=2000, n_test=2000, epochs=15, batch_size=64, lr=1e-3, log_every=10),
+        ToyConfig(steps=15_000, pareto_weights=101, trajectory_points=500),
+        DigitsConfig(n_train=6000, n_val=2000, n_test=2000, epochs=12, batch_size=64, lr=1e-3, log_every=10),
         ConflictConfig(angles=(0.0, 45.0, 90.0, 135.0, 180.0), dim=16, hidden=4, n_train=2048, n_test=2048,
-                       epochs=20, batch_size=128, lr=1e-2),
+                       epochs=16, batch_size=128, lr=1e-2),
     ),
     "full": (
         5,
