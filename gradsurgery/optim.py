@@ -271,15 +271,7 @@ class GradSurgery(torch.optim.Optimizer):
                 [g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in prepared.grads
             ]
             checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
-            bad = _nonfinite_tasks(G, checked)
-            if bad:
-                if self.nonfinite == "raise":
-                    raise NonFiniteGradientError(
-                        f"non-finite gradient (NaN/Inf, or a squared norm that overflows) for task(s) {bad}; "
-                        "no .grad, parameter or optimizer state was changed",
-                        tasks=bad,
-                    )
-                self._skip_step = True
+            if self._refuse_nonfinite(_nonfinite_tasks(G, checked)):
                 return
         if buffer is not None and accumulate:
             for t in range(T):
@@ -290,6 +282,19 @@ class GradSurgery(torch.optim.Optimizer):
         self._num_tasks = T
         if buffer is not None:
             self._surgery(buffer, G)
+
+    def _refuse_nonfinite(self, bad: list[int]) -> bool:
+        """Apply the non-finite policy to the tasks in ``bad``: raise, or mark the step skipped (True)."""
+        if not bad:
+            return False
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN/Inf, or a squared norm that overflows) for task(s) {bad}; "
+                "no .grad, parameter or optimizer state was changed",
+                tasks=bad,
+            )
+        self._skip_step = True
+        return True
 
     def _surgery(self, buffer: SharedBuffer, G: torch.Tensor | None = None) -> None:
         if G is None:
@@ -305,7 +310,9 @@ class GradSurgery(torch.optim.Optimizer):
     ) -> None:
         prepared = self._feature_gradients(losses, features, params)
         J = prepared.rows
-        G = _backend.gram(J, backend=self.backend)
+        G = _backend.gram(J, backend=self.backend, rescue=self.nonfinite != "propagate")
+        if self.nonfinite != "propagate" and self._refuse_nonfinite(_nonfinite_tasks(G, [[] for _ in losses])):
+            return
         w = to_reduction(self.weights(G, loss_values), self.reduction)
         combined = _backend.combine(w, J, torch.empty(J.shape[1], dtype=J.dtype, device=J.device), backend=self.backend)
         _accumulate_plain(prepared.specific)

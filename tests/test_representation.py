@@ -68,3 +68,22 @@ def test_features_that_lead_to_no_parameter_or_no_loss_are_refused() -> None:
     with pytest.raises(ValueError, match="loss 0 does not depend on features"):
         opt.backward(losses, features=unrelated)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_representation_mode_applies_the_nonfinite_policy() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+    model = EncoderHeads()
+    opt = gs.CAGrad(torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(x, y)
+    losses[2] = losses[2] * float("nan")
+    with pytest.raises(gs.NonFiniteGradientError, match=r"\[2\]"):
+        opt.backward(losses, features=z)
+    assert all(p.grad is None for p in model.parameters())
+    skipping = gs.CAGrad(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="skip")
+    z, losses = model(x, y)
+    losses[0] = losses[0] * float("inf")
+    before = [p.clone() for p in model.parameters()]
+    skipping.backward(losses, features=z)
+    skipping.step()
+    assert skipping.skipped_steps == 1 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
