@@ -20,7 +20,7 @@ from .methods import mgda as _mgda
 from .methods import pcgrad as _pcgrad
 from .methods._common import check_reduction, to_reduction
 from .methods._simplex import DEFAULT_ITERATIONS
-from .taskgrads import ENGINES, SharedBuffer, task_gradients
+from .taskgrads import ENGINES, SharedBuffer, reach, task_gradients
 
 Losses = Sequence[torch.Tensor] | torch.Tensor
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
@@ -247,6 +247,12 @@ class GradSurgery(torch.optim.Optimizer):
             self._num_tasks = T
             return
         accumulate = self._pending_tasks is not None
+        if self._buffer is None:
+            # First call: lay the buffer out from a walk of the autograd graph (no backward needed),
+            # so that the rows can be written early from the very first step.
+            shared = self._shared_params(params, reach(losses, params))
+            if shared:
+                self._ensure_buffer(shared, T)
         # With a buffer laid out and nothing accumulated, each task's shared gradients go into its
         # row as soon as they exist, so at most one task's full gradient is alive besides the buffer.
         early = None if accumulate or self._buffer is None else self._buffer
