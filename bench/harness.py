@@ -2,7 +2,7 @@
 
 Timings are wall-clock ``time.perf_counter`` intervals around one call (CPU tensors: the call returns
 when the work is done, so no synchronisation is needed; a CUDA caller must synchronise inside ``fn``).
-Compared variants run **interleaved** — one call of each per round, the order rotated every round
+Compared variants run **interleaved** — one call of each per round, the order shuffled every round
 (A B C, B C A, C A B, …) — so that load from other processes hits all of them alike and no variant
 always runs right after the same neighbour. Reported are medians over the rounds, and ratios taken in
 the same run: the ratio of the medians and, less sensitive to slow drifts of the load, the median of
@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -41,6 +42,8 @@ _LIBRARY_DIRS = ("gradsurgery", "kernels")
 
 # ---------------------------------------------------------------------- timing
 
+
+_ORDER_RNG = random.Random(0)
 
 def measure(fn: Callable[[], object], *, warmup: int, repeats: int) -> list[float]:
     """Seconds taken by each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
@@ -81,8 +84,9 @@ def interleave(
     for r in range(rounds):
         if r >= min_rounds and budget_s is not None and time.perf_counter() - started > budget_s:
             break
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        # A fresh order every round (seeded): a rotation would keep each variant behind the same
+        # neighbour, whose cache and allocator state it then inherits every time.
+        for name in _ORDER_RNG.sample(names, len(names)):
             fn = variants[name]
             calls = []
             for _ in range(inner.get(name, 1)):
