@@ -4,7 +4,8 @@ Each ``J`` function is Gram → weights → combine: two passes over ``J`` and a
 ``*_weights`` functions take the Gram matrix directly. Keyword names and defaults match the wrappers.
 
 Inputs are checked for NaN/Inf through the Gram matrix's diagonal (``T`` values, no extra pass over
-``J``); that check is the one host synchronisation of these functions. A non-finite input raises
+``J``); with the overflow check below, these are the functions' host synchronisations (the wrappers
+with ``nonfinite="propagate"`` have none). A non-finite input raises
 :class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks. A Gram matrix that overflowed
 or underflowed in fp32 although ``J`` is finite is recomputed with the rows scaled first (see
 :func:`gradsurgery.backend.gram`), so magnitudes from 1e-30 to 1e30 work in fp32.
@@ -63,6 +64,7 @@ def pcgrad(
 ) -> torch.Tensor:
     """PCGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.pcgrad`)."""
     check_reduction(reduction)
+
     def weights_of(G: torch.Tensor) -> torch.Tensor:
         chains = _backend.solvers(backend, G).get("pcgrad")
         return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction, chains=chains)
