@@ -44,7 +44,12 @@ def minimize_on_simplex(
     may be smoothed to accuracy ``O(1/t)`` at barrier weight ``t`` (the barrier's own accuracy), so that
     its curvature never outgrows the barrier's while the path is followed.
     """
-    device = like.device
+    with torch.inference_mode():  # ~45 tiny ops per iteration: skipping autograd bookkeeping saves ~20%
+        w = _barrier_path(derivatives, slope, size, like.device, iterations)
+    return w.clone()  # an ordinary tensor again, usable anywhere outside inference mode
+
+
+def _barrier_path(derivatives: Derivatives, slope: Slope, size: int, device: torch.device, iterations: int) -> torch.Tensor:
     w = torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
     if size == 1:
         return w
