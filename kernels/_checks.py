@@ -83,10 +83,15 @@ def check_triton_matrix(J: torch.Tensor, name: str) -> None:
     T = J.shape[0]
     if not 1 <= T <= MAX_TASKS:
         raise ValueError(f"{name} has T={T} rows; the Triton kernels serve 1 <= T <= {MAX_TASKS}")
+    check_triton_device(J, name)
+
+
+def check_triton_device(tensor: torch.Tensor, name: str) -> None:
+    """Triton is installed and runs where ``tensor`` lives (CUDA, or the CPU under its interpreter)."""
     if not triton_available():
         raise RuntimeError("Triton is not installed (pip install 'gradsurgery[triton]'); use the torch backend")
-    if not triton_runs_on(J.device):
+    if not triton_runs_on(tensor.device):
         raise ValueError(
-            f"{name} is on {J.device}, where Triton does not run: it needs a CUDA device, or CPU tensors "
+            f"{name} is on {tensor.device}, where Triton does not run: it needs a CUDA device, or CPU tensors "
             "under Triton's interpreter (TRITON_INTERPRET=1); use the torch backend"
         )

@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from ._backend import triton_available, triton_runs_on
+from ._checks import check_triton_device
 
 # The whole (BT, BT) float64 problem lives in one program's registers: G and the Hessian with its
 # Cholesky factor, two 64×64 tiles of doubles at most. ptxas (sm_90) puts BT = 64 with 8 warps in
@@ -53,13 +53,7 @@ def _check_gram(G: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has T={T} tasks; the Triton solves serve 1 <= T <= {SOLVE_MAX_TASKS}")
     if G.dtype not in SOLVE_DTYPES:
         raise ValueError(f"{name} has dtype {G.dtype}; the Triton solves take one of {SOLVE_DTYPES}")
-    if not triton_available():
-        raise RuntimeError("Triton is not installed (pip install 'gradsurgery[triton]'); use the torch backend")
-    if not triton_runs_on(G.device):
-        raise ValueError(
-            f"{name} is on {G.device}, where Triton does not run: it needs a CUDA device, or CPU tensors "
-            "under Triton's interpreter (TRITON_INTERPRET=1); use the torch backend"
-        )
+    check_triton_device(G, name)
 
 
 def _check_iterations(iterations: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -11,13 +9,7 @@ import torch
 from bench.study.toy import STARTS, distance_to_polyline, min_norm, pareto_set, run_trajectory, toy_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: extra intra-op threads only spin against each other on a busy 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(x1: float, x2: float) -> tuple[float, float]:
