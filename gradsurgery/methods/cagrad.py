@@ -10,9 +10,12 @@ default), ``1 + c`` or ``None`` (1). ``c = 0`` is exactly naive summation.
 
 ``c = 0.4`` is the value of the official NYUv2 and Cityscapes runs. ``T = 2`` is solved in closed form
 (a one-dimensional convex problem: the stationary point of ``f(u)``, ``w = (u, 1 − u)``, clipped to
-``[0, 1]``); larger ``T`` runs the fixed-budget interior-point solver of ``_simplex`` on the
-normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` along the barrier path (error
-``≤ φ/t``, ``t`` reaching ``1e14``); it reaches the minimum to ``1e-6`` relative. The official code uses SciPy's SLSQP at its default tolerance instead.
+``[0, 1]``); up to ``_supports.MAX_TASKS`` (10) tasks the dual is solved exactly from the optimality
+conditions on every face of the simplex at once. Larger ``T`` runs the fixed-budget interior-point
+solver of ``_simplex`` on the normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` along
+the barrier path (error ``≤ φ/t``, ``t`` reaching ``1e14``); it reaches the minimum to ``1e-6``
+relative in ``max_iter = 48`` iterations. The official code uses SciPy's SLSQP at its default
+tolerance instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
+from . import _supports
 from ._simplex import DEFAULT_ITERATIONS, minimize_on_simplex
 
 RESCALES = ("1+c^2", "1+c", None)
@@ -54,8 +58,9 @@ def cagrad_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the CAGrad update.
 
-    ``solve(G_normalized, b, phi, max_iter)`` finds the dual solution for ``T ≥ 3`` (default: the
-    interior-point solver here); the backend passes the fused kernel.
+    ``solve(G_normalized, b, phi, max_iter)`` finds the dual solution for ``T ≥ 3`` (default: exact up
+    to ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
+    fused kernel.
     """
     check_gram(G)
     check_cagrad_options(c, rescale)
@@ -66,7 +71,14 @@ def cagrad_weights(
     Gn = normalized(G)
     b = Gn.sum(dim=1) / T
     phi = c * Gn.sum().clamp_min(0).sqrt() / T
-    w_star = _solve_two(Gn, b, phi) if T == 2 else (solve or _solve)(Gn, b, phi, max_iter)
+    if T == 2:
+        w_star = _solve_two(Gn, b, phi)
+    elif solve is not None:
+        w_star = solve(Gn, b, phi, max_iter)
+    elif T <= _supports.MAX_TASKS:
+        w_star = _supports.cagrad_dual(Gn, b, phi)
+    else:
+        w_star = _solve(Gn, b, phi, max_iter)
     norm = (w_star @ Gn @ w_star).clamp_min(0).sqrt()
     lam = torch.where(norm > 0, phi / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     divisor = {"1+c^2": 1 + c**2, "1+c": 1 + c, None: 1.0}[rescale]

@@ -11,11 +11,13 @@ zero, so it cannot change the result). As in the official code, the normalised g
 (``w = T·α*``; ``reduction="mean"`` gives ``α*``).
 
 ``T = 2`` uses the closed form ``α_1 = (Ĝ_22 − Ĝ_12) / (Ĝ_11 + Ĝ_22 − 2Ĝ_12)`` clipped to ``[0, 1]``
-(½ when both gradients coincide); the official code clips to ``[0.001, 0.999]`` instead. Larger ``T``
-runs the fixed-budget interior-point solver of ``_simplex``, whose Frank–Wolfe gap — and so the KKT
-residual ``αᵀ∇ − min_i ∇_i`` — is below ``1e-7`` of ``max_t ‖ĝ_t‖²`` after the default 48 iterations
-(measured: ~1e-12 for well-separated gradients, up to 1.2e-8 at T = 32 for nearly parallel ones,
-which make the problem ill-conditioned).
+(½ when both gradients coincide); the official code clips to ``[0.001, 0.999]`` instead. Up to
+``_supports.MAX_TASKS`` (10) tasks the min-norm point is found exactly, from the optimality systems of
+all faces of the simplex at once (KKT residual at rounding level). Larger ``T`` runs the fixed-budget
+interior-point solver of ``_simplex``, whose Frank–Wolfe gap — and so the KKT residual
+``αᵀ∇ − min_i ∇_i`` — is below ``1e-7`` of ``max_t ‖ĝ_t‖²`` after the default ``max_iter = 48``
+iterations (measured: ~1e-12 for well-separated gradients, up to 1.2e-8 at T = 32 for nearly
+parallel ones, which make the problem ill-conditioned).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._common import as_losses, check_gram, check_reduction, normalized, symmetric64, to_reduction
+from . import _supports
 from ._simplex import DEFAULT_ITERATIONS, minimize_on_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -63,8 +66,9 @@ def mgda_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the MGDA update.
 
-    ``solve(G_hat, max_iter)`` finds the min-norm weights for ``T ≥ 3`` (default: the interior-point
-    solver here); the backend passes the fused kernel.
+    ``solve(G_hat, max_iter)`` finds the min-norm weights for ``T ≥ 3`` (default: exact up to
+    ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
+    fused kernel.
     """
     check_gram(G)
     check_normalization(normalization)
@@ -75,7 +79,14 @@ def mgda_weights(
     norms = _normalizers(G64, normalization, losses)
     G_hat = normalized(G64 / (norms[:, None] * norms[None, :]))
     T = G.shape[0]
-    alpha = _min_norm_two(G_hat) if T == 2 else (solve or _min_norm)(G_hat, max_iter)
+    if T == 2:
+        alpha = _min_norm_two(G_hat)
+    elif solve is not None:
+        alpha = solve(G_hat, max_iter)
+    elif T <= _supports.MAX_TASKS:
+        alpha = _supports.min_norm(G_hat)
+    else:
+        alpha = _min_norm(G_hat, max_iter)
     return to_reduction(alpha * T, reduction)
 
 

@@ -1,0 +1,94 @@
+"""The exact small-T solver (every face of the simplex at once) against the interior point and SciPy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradsurgery.functional as F
+from gradsurgery.methods import _supports, cagrad, mgda
+from gradsurgery.methods._common import normalized
+from gradsurgery.methods._simplex import frank_wolfe_gap
+
+from .helpers import KINDS, make_J
+from .reference import cagrad_min_scipy, min_norm_scipy
+
+SIZES = [3, 4, 7, _supports.MAX_TASKS]
+
+
+def _problem(kind: str, T: int, P: int = 40, seed: int = 0) -> torch.Tensor:
+    J = make_J(kind, T, P, seed=seed)
+    return normalized(J @ J.T)
+
+
+def _cagrad_terms(G: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T = G.shape[0]
+    return G.sum(dim=1) / T, c * G.sum().clamp_min(0).sqrt() / T
+
+
+def _cagrad_value(w: torch.Tensor, G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> float:
+    return (w @ b + phi * (w @ G @ w).clamp_min(0).sqrt()).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", SIZES)
+def test_min_norm_is_exact(T: int, kind: str) -> None:
+    G = _problem(kind, T, seed=T)
+    w = _supports.min_norm(G)
+    assert w.min() >= 0 and abs(w.sum().item() - 1) < 1e-14
+    # An exact solve: the KKT residual (Frank–Wolfe gap) is rounding, on a problem normalised to O(1).
+    assert frank_wolfe_gap(w, 2 * G @ w) <= 1e-12
+    interior = mgda._min_norm(G, 48)
+    scipy = torch.as_tensor(min_norm_scipy(G.numpy()))
+    assert w @ G @ w <= min(interior @ G @ interior, scipy @ G @ scipy) + 1e-15
+
+
+@pytest.mark.parametrize("c", [0.1, 0.4, 2.0])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", SIZES)
+def test_cagrad_dual_is_exact(T: int, kind: str, c: float) -> None:
+    G = _problem(kind, T, seed=T)
+    b, phi = _cagrad_terms(G, c)
+    w = _supports.cagrad_dual(G, b, phi)
+    assert w.min() >= 0 and abs(w.sum().item() - 1) < 1e-14
+    ours = _cagrad_value(w, G, b, phi)
+    interior = _cagrad_value(cagrad._solve(G, b, phi, 48), G, b, phi)
+    scipy = cagrad_min_scipy(G.numpy(), c)
+    # Near the kink g_w = 0 an objective value is only as good as φ·sqrt(rounding of wᵀGw ≈ 1e-16)
+    # (SciPy reports values below the true minimum there); elsewhere, rounding.
+    assert ours <= min(interior, scipy) + 1e-12 * max(1.0, abs(scipy)) + 2e-8 * phi.item()
+    norm = (w @ G @ w).sqrt()
+    if norm > 1e-6:  # away from the kink the objective is smooth: its Frank–Wolfe gap certifies w
+        assert frank_wolfe_gap(w, b + phi * (G @ w) / norm) <= 1e-11
+
+
+def test_duplicate_and_more_tasks_than_parameters() -> None:
+    J = make_J("conflicting", 6, 3, seed=5)  # rank 3: four of every five faces are singular
+    J = torch.cat((J, J[:2]))  # and two tasks repeated
+    G = normalized(J @ J.T)
+    w = _supports.min_norm(G)
+    assert frank_wolfe_gap(w, 2 * G @ w) <= 1e-12
+    b, phi = _cagrad_terms(G, 0.4)
+    w = _supports.cagrad_dual(G, b, phi)
+    assert _cagrad_value(w, G, b, phi) <= cagrad_min_scipy(G.numpy(), 0.4) + 1e-12
+
+
+def test_a_non_finite_gram_gives_nan_weights() -> None:
+    G = _problem("conflicting", 4)
+    G[1, 2] = G[2, 1] = float("nan")
+    assert _supports.min_norm(G).isnan().all()
+    b, phi = _cagrad_terms(G, 0.4)
+    assert _supports.cagrad_dual(G, b, phi).isnan().all()
+
+
+@pytest.mark.parametrize("T", [3, _supports.MAX_TASKS])
+def test_methods_use_the_exact_solver_up_to_its_size(T: int) -> None:
+    J = make_J("conflicting", T, 50, seed=1)
+    G = normalized(J @ J.T)
+    # To rounding (the methods symmetrise and rescale G again); the interior point differs by ~1e-11.
+    torch.testing.assert_close(F.mgda_weights(G, reduction="mean"), _supports.min_norm(G), rtol=0, atol=1e-14)
+    b, phi = _cagrad_terms(G, 0.4)
+    w = _supports.cagrad_dual(G, b, phi)
+    norm = (w @ G @ w).sqrt()
+    expected = (1 + T * (phi / norm) * w) / 1.16
+    torch.testing.assert_close(F.cagrad_weights(G), expected, rtol=0, atol=1e-13)
