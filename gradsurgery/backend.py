@@ -7,11 +7,13 @@ where Triton cannot run raises instead of falling back; ``"torch"`` always runs 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from . import kernels
+from .kernels.combine import combine_reference_unchecked
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -78,15 +80,25 @@ def gram(J: torch.Tensor, *, backend: str = "auto", rescue: bool = False) -> tor
     G = kernels.gram(J) if resolve(backend, J) == "triton" else kernels.gram_reference(J)
     if not rescue or J.dtype == torch.float64:
         return G
+    return rescued(J, G)[0]
+
+
+def rescued(J: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``gram(rescue=True)``'s check on ``G = J Jᵀ`` (one host sync): ``(G, in_range)``, ``G`` recomputed
+    from scaled rows where it can be, ``in_range`` whether every squared norm was finite (and, below
+    fp64, above the underflow threshold) in the first place — then no other check of ``G`` is needed."""
     diag = G.diagonal()
+    low = _UNDERFLOW if J.dtype != torch.float64 else -math.inf
+    if bool(diag.clamp(low, torch.finfo(diag.dtype).max).eq(diag).all()):  # Inf and NaN both fail
+        return G, True
+    if J.dtype == torch.float64:
+        return G, False
     suspicious = ~torch.isfinite(diag) | (diag < _UNDERFLOW)
-    if not bool(suspicious.any()):
-        return G
     magnitude = J.abs().amax(dim=1) if J.shape[1] else torch.zeros(J.shape[0], device=J.device)
     rescuable = suspicious & torch.isfinite(magnitude) & (magnitude > 0)
     if not bool(rescuable.any()):
-        return G
-    return scaled_gram(J, magnitude)
+        return G, False
+    return scaled_gram(J, magnitude), False
 
 
 def scaled_gram(J: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -103,9 +115,18 @@ def scaled_gram(J: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
 
 
 def combine(
-    w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False, backend: str = "auto"
+    w: torch.Tensor,
+    J: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    accumulate: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
-    """``out (+)= wᵀJ`` with fp32 accumulation; returns ``out``."""
+    """``out (+)= wᵀJ`` with fp32 accumulation; returns ``out``. ``validate=False`` skips the torch
+    path's argument checks, for arguments the caller built itself."""
     if resolve(backend, J) == "triton":
         return kernels.combine(w, J, out, accumulate=accumulate)
+    if not validate:
+        return combine_reference_unchecked(w, J, out, accumulate=accumulate)
     return kernels.combine_reference(w, J, out, accumulate=accumulate)

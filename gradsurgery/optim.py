@@ -268,16 +268,21 @@ class GradSurgery(torch.optim.Optimizer):
         # its Gram matrix (free: the surgery needs it); accumulating, the incoming rows are checked
         # before they are added, so that a refused batch leaves the accumulated ones intact.
         G = None
+        in_range = False
         if buffer is not None and not accumulate:
             for t in range(T):  # what was not written early (everything, without a layout yet)
                 buffer.write(t, shared_rows[t], accumulate=False, zero_missing=early is None)
-            G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
+            G = _backend.gram(buffer.matrix, backend=self.backend)
+            if self.nonfinite != "propagate":
+                G, in_range = _backend.rescued(buffer.matrix, G)
         if self.nonfinite != "propagate":
             specific_rows = [
                 [g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in prepared.grads
             ]
             checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
-            if self._refuse_nonfinite(_nonfinite_tasks(G, checked)):
+            # The rescue check read G's diagonal back already: when it was in range and nothing else
+            # needs checking, a second host sync would find nothing.
+            if (not in_range or any(checked)) and self._refuse_nonfinite(_nonfinite_tasks(G, checked)):
                 return
         if buffer is not None and accumulate:
             for t in range(T):
@@ -307,7 +312,7 @@ class GradSurgery(torch.optim.Optimizer):
             G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         w = to_reduction(self.weights(G, self._pending_losses), self.reduction)
         for columns, update in buffer.groups:
-            _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend)
+            _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend, validate=False)
         buffer.attach_grads()
         self.last_gram, self.last_weights = G, w
 
@@ -336,7 +341,7 @@ class GradSurgery(torch.optim.Optimizer):
         params = [p for p in _all_params(self.optimizer) if p.requires_grad]
         if not params:
             raise ValueError("the optimizer holds no parameter that requires grad")
-        loss_values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
+        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64)
         return losses, params, loss_values
 
     def _task_gradients(
@@ -611,7 +616,7 @@ def _write_row(
     buffer: SharedBuffer, task: int, params: list[torch.Tensor], row: list[torch.Tensor | None]
 ) -> list[torch.Tensor | None]:
     """Copy ``row``'s gradients of the buffer's parameters into row ``task``; return the rest."""
-    held = {id(p) for p in buffer.params}
+    held = buffer.param_ids
     buffer.write(task, {id(p): g for p, g in zip(params, row) if g is not None and id(p) in held}, accumulate=False)
     return [None if id(p) in held else g for p, g in zip(params, row)]
 

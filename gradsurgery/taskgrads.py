@@ -155,6 +155,7 @@ class SharedBuffer:
     ) -> None:
         dtypes = list(dict.fromkeys(p.dtype for p in params))
         self.params = sorted(params, key=lambda p: dtypes.index(p.dtype))  # stable: groups in first-seen order
+        self.param_ids = frozenset(id(p) for p in self.params)
         device = self.params[0].device
         if storage_dtype is None:
             storage_dtype = dtypes[0]

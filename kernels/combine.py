@@ -29,6 +29,15 @@ def combine_reference(
 ) -> torch.Tensor:
     """Write ``Σ_t w[t]·J[t]`` into ``out`` (``+=`` with ``accumulate``), fp32 accumulation; return ``out``."""
     check_combine_args(w, J, out)
+    return combine_reference_unchecked(w, J, out, accumulate=accumulate)
+
+
+def combine_reference_unchecked(
+    w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False
+) -> torch.Tensor:
+    """``combine_reference`` without its argument checks, for callers that built the arguments
+    themselves (the optimizer wrappers' own buffers): on a small model the checks cost as much as
+    the product."""
     acc = accumulation_dtype(J.dtype)
     if J.dtype == acc and out.dtype == acc:
         weights = w.to(acc)

@@ -33,8 +33,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_pcgrad_matches_paper_algorithm_for_two_tasks(kind: str) -> None:
     J = make_J(kind, 2, 37)
+    expected = pcgrad_vector(J, [[1], [0]])
     w = pcgrad_coefficients(J @ J.T, torch.tensor([[1], [0]])).sum(0)
-    _close(w @ J, pcgrad_vector(J, [[1], [0]]), FP64_RTOL)
+    _close(w @ J, expected, FP64_RTOL)
+    # The public path's closed form, which draws nothing: there is a single order.
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    _close(F.pcgrad(J, generator=generator), expected, FP64_RTOL)
+    assert torch.equal(generator.get_state(), state)
 
 
 @pytest.mark.parametrize("kind", KINDS)

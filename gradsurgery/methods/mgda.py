@@ -75,9 +75,12 @@ def mgda_weights(
     check_reduction(reduction)
     if max_iter < 1:
         raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
-    G64 = symmetric64(G)
-    norms = _normalizers(G64, normalization, losses)
-    G_hat = normalized(G64 / (norms[:, None] * norms[None, :]))
+    if normalization == "none":
+        G_hat = normalized(G)
+    else:
+        G64 = symmetric64(G)
+        norms = _normalizers(G64, normalization, losses)
+        G_hat = normalized(G64 / (norms[:, None] * norms[None, :]))
     T = G.shape[0]
     if T == 2:
         alpha = _min_norm_two(G_hat)
@@ -92,8 +95,6 @@ def mgda_weights(
 
 def _normalizers(G: torch.Tensor, normalization: str, losses: torch.Tensor | Sequence[float] | None) -> torch.Tensor:
     ones = torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
-    if normalization == "none":
-        return ones
     grad_norms = G.diagonal().clamp_min(0).sqrt()
     if normalization == "l2":
         norms = grad_norms

@@ -7,7 +7,8 @@ order; when the current vector conflicts with the *original* ``g_j`` (negative i
 Every projected vector stays in the span of the rows, so the algorithm runs on the Gram matrix: keep a
 coefficient vector ``c_i`` (``c_i = e_i`` at the start); visiting ``j``, ``ip = (G c_i)_j`` and, if
 ``ip < 0``, ``c_i[j] −= ip / G_jj``. The weights are ``w = Σ_i c_i``. The ``T`` chains are independent, so
-they advance together: ``T − 1`` rounds of ``O(T²)`` tensor work, in float64.
+they advance together: ``T − 1`` rounds of ``O(T²)`` tensor work, in float64. ``T = 2`` has a single
+order (nothing is drawn from the generator) and the closed form ``w_i = 1 − G_01/G_ii`` on conflict.
 
 Differences from the popular PyTorch port (``Pytorch-PCGrad`` and its copies): the port averages the
 shared entries (here: the sum, like ``sum(losses).backward()``, or ``reduction="mean"``); it shuffles all
@@ -78,6 +79,18 @@ def pcgrad_weights(
     """
     check_gram(G)
     check_reduction(reduction)
+    if G.shape[0] == 2:  # a single order: nothing to draw, and a closed form
+        return to_reduction(_two_tasks(G), reduction)
     orders = random_orders(G.shape[0], generator=generator, device=G.device)
     w = pcgrad_coefficients(G, orders).sum(dim=0) if chains is None else chains(G, orders)
     return to_reduction(w, reduction)
+
+
+def _two_tasks(G: torch.Tensor) -> torch.Tensor:
+    # Each task is projected once, against the other: projecting g_j off g_i (G_01 < 0, G_ii > 0)
+    # puts −G_01/G_ii on g_i, so w_i = 1 − G_01/G_ii.
+    G = symmetric64(G)
+    inner, squared_norms = G[0, 1], G.diagonal()
+    safe = torch.where(squared_norms > 0, squared_norms, torch.ones_like(squared_norms))
+    removed = torch.where((inner < 0) & (squared_norms > 0), inner / safe, torch.zeros_like(safe))
+    return 1.0 - removed
