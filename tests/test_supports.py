@@ -92,3 +92,20 @@ def test_methods_use_the_exact_solver_up_to_its_size(T: int) -> None:
     norm = (w @ G @ w).sqrt()
     expected = (1 + T * (phi / norm) * w) / 1.16
     torch.testing.assert_close(F.cagrad_weights(G), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exact_solves_on_cuda_match_the_cpu_without_a_host_sync() -> None:
+    G = _problem("conflicting", 6)
+    b, phi = _cagrad_terms(G, 0.4)
+    G_cuda, b_cuda, phi_cuda = G.cuda(), b.cuda(), phi.cuda()
+    _supports.min_norm(G_cuda)  # the first call copies the face tables to the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w = _supports.min_norm(G_cuda)
+        w_dual = _supports.cagrad_dual(G_cuda, b_cuda, phi_cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(w.cpu(), _supports.min_norm(G), rtol=0, atol=1e-12)
+    torch.testing.assert_close(w_dual.cpu(), _supports.cagrad_dual(G, b, phi), rtol=0, atol=1e-12)
