@@ -17,8 +17,9 @@ from ._checks import accumulation_dtype, check_matrix, check_triton_matrix
 # Columns converted to the accumulation dtype at a time for half-precision inputs: bounds the
 # temporary copy to a few MiB instead of a full fp32 copy of J.
 _CHUNK_ELEMENTS = 1 << 22
-# Columns per block of the fp32/fp64 reference: a (T, 2^17) block stays in cache for its product.
-_BLOCK_COLUMNS = 1 << 17
+# Elements per block of the fp32/fp64 reference (4 MiB of fp32): measured best on the CPU from T = 2
+# (2^19 columns) to T = 32 (2^15); one (T × P)·(P × T) product is 2× slower at T = 8, P = 4M.
+_BLOCK_ELEMENTS = 1 << 20
 # Rows of G each second-stage program sums (tl.arange and tl.dot want powers of two ≥ 16).
 _REDUCE_ROWS = 16
 # Stated, not left to Triton's default (which 3.10 flips): the default changing would change the bits.
@@ -29,13 +30,13 @@ def gram_reference(J: torch.Tensor) -> torch.Tensor:
     """Return ``J @ J.T`` accumulated in fp32 (fp64 for fp64 input), shape ``(T, T)``.
 
     Summed over column blocks: BLAS runs a ``(T × P)·(P × T)`` product with small ``T`` and large ``P``
-    poorly (measured 2× slower at T = 8, P = 4M on the CPU), and half-precision blocks are converted
-    one at a time instead of copying all of ``J``.
+    poorly (measured 2× slower at T = 8, P = 4M on the CPU; 1.45× at T = 2, P = 16M), and
+    half-precision blocks are converted one at a time instead of copying all of ``J``.
     """
     check_matrix(J, "J")
     acc = accumulation_dtype(J.dtype)
     T, P = J.shape
-    step = _BLOCK_COLUMNS if J.dtype == acc else max(1, _CHUNK_ELEMENTS // max(T, 1))
+    step = max(1, (_BLOCK_ELEMENTS if J.dtype == acc else _CHUNK_ELEMENTS) // max(T, 1))
     if J.dtype == acc and 0 < P <= step:
         return J @ J.mT  # one block: skip the accumulator (what a small model pays per step)
     G = torch.zeros(T, T, dtype=acc, device=J.device)
