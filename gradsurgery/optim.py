@@ -218,9 +218,13 @@ class GradSurgery(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the method
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """Weights ``w`` on the sum scale for the Gram matrix ``G`` (and the loss values); ``reduction``
-        is applied afterwards."""
+    # Whether weights() reads the loss values (a subclass that does not says so, and the wrapper skips
+    # gathering them: on a small model that is a noticeable part of the step).
+    uses_loss_values = True
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        """Weights ``w`` on the sum scale for the Gram matrix ``G`` and the loss values (``None`` when
+        the class sets ``uses_loss_values = False``); ``reduction`` is applied afterwards."""
         raise NotImplementedError
 
     def _method_state(self) -> dict[str, Any]:
@@ -240,7 +244,7 @@ class GradSurgery(torch.optim.Optimizer):
         """
         if self._dist is not None:
             return self._dist.backward(self, losses, features)
-        losses, params, loss_values = self._begin(losses)
+        losses, params, loss_values = self._begin(losses, values=self.uses_loss_values)
         T = len(losses)
         if features is not None:
             self._backward_features(losses, features, params, loss_values)
@@ -288,7 +292,8 @@ class GradSurgery(torch.optim.Optimizer):
             for t in range(T):
                 buffer.write(t, shared_rows[t], accumulate=True)
         _accumulate_plain(specific)
-        self._pending_losses = loss_values if self._pending_losses is None else self._pending_losses + loss_values
+        if loss_values is not None:
+            self._pending_losses = loss_values if self._pending_losses is None else self._pending_losses + loss_values
         self._pending_tasks = T
         self._num_tasks = T
         if buffer is not None:
@@ -317,7 +322,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.last_gram, self.last_weights = G, w
 
     def _backward_features(
-        self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor], loss_values: torch.Tensor
+        self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor], loss_values: torch.Tensor | None
     ) -> None:
         prepared = self._feature_gradients(losses, features, params)
         J = prepared.rows
@@ -330,8 +335,11 @@ class GradSurgery(torch.optim.Optimizer):
         features.backward(combined.view_as(features))
         self.last_gram, self.last_weights = G, w
 
-    def _begin(self, losses: Losses) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Checks shared by every backward: the losses, the trainable parameters, the loss values."""
+    def _begin(
+        self, losses: Losses, *, values: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Checks shared by every backward: the losses, the trainable parameters, the loss values
+        (float64, unless ``values=False``)."""
         losses = _check_losses(losses)
         T = len(losses)
         if self._pending_tasks is not None and T != self._pending_tasks:
@@ -341,8 +349,9 @@ class GradSurgery(torch.optim.Optimizer):
         params = [p for p in _all_params(self.optimizer) if p.requires_grad]
         if not params:
             raise ValueError("the optimizer holds no parameter that requires grad")
-        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64)
-        return losses, params, loss_values
+        if not values:
+            return losses, params, None
+        return losses, params, torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64)
 
     def _task_gradients(
         self,
@@ -431,7 +440,9 @@ class Sum(GradSurgery):
     def __init__(self, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         super().__init__(optimizer, **options)
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    uses_loss_values = False
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
 
 
@@ -443,7 +454,9 @@ class Mean(GradSurgery):
             raise ValueError("Mean is Sum with reduction='mean'; it takes no reduction= of its own")
         super().__init__(optimizer, reduction="mean", **options)
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    uses_loss_values = False
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
 
 
@@ -470,7 +483,9 @@ class PCGrad(GradSurgery):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.seed)
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    uses_loss_values = False
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         chains = _backend.solvers(self.backend, G).get("pcgrad")
         return _pcgrad.pcgrad_weights(G, generator=self.generator, chains=chains)
 
@@ -499,7 +514,9 @@ class CAGrad(GradSurgery):
         super().__init__(optimizer, **options)
         self.c, self.rescale, self.max_iter = c, rescale, max_iter
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    uses_loss_values = False
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         solve = _backend.solvers(self.backend, G).get("cagrad")
         return _cagrad.cagrad_weights(G, c=self.c, rescale=self.rescale, max_iter=self.max_iter, solve=solve)
 
@@ -520,7 +537,11 @@ class MGDA(GradSurgery):
         super().__init__(optimizer, **options)
         self.normalization, self.max_iter = normalization, max_iter
 
-    def weights(self, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    @property
+    def uses_loss_values(self) -> bool:  # type: ignore[override]
+        return self.normalization in ("loss", "loss+")
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         solve = _backend.solvers(self.backend, G).get("mgda")
         return _mgda.mgda_weights(G, normalization=self.normalization, losses=losses, max_iter=self.max_iter, solve=solve)
 

@@ -89,8 +89,8 @@ def pcgrad_weights(
 def _two_tasks(G: torch.Tensor) -> torch.Tensor:
     # Each task is projected once, against the other: projecting g_j off g_i (G_01 < 0, G_ii > 0)
     # puts −G_01/G_ii on g_i, so w_i = 1 − G_01/G_ii.
-    G = symmetric64(G)
-    inner, squared_norms = G[0, 1], G.diagonal()
-    safe = torch.where(squared_norms > 0, squared_norms, torch.ones_like(squared_norms))
-    removed = torch.where((inner < 0) & (squared_norms > 0), inner / safe, torch.zeros_like(safe))
-    return 1.0 - removed
+    # (G_ii = 0 means g_i = 0, so G_01 = 0 too: the division's NaN there is never selected.)
+    G = G.detach().to(torch.float64)
+    squared_norms = G.diagonal()
+    removed = (G[0, 1] + G[1, 0]).clamp(max=0) / (2 * squared_norms)
+    return 1.0 - torch.where(squared_norms > 0, removed, 0.0)
