@@ -597,3 +597,24 @@ def test_a_parameter_that_becomes_shared_joins_the_buffer_with_the_rows_written_
     J = torch.stack(rows).double()
     d = (F.mgda_weights(J @ J.T) @ J).float()
     torch.testing.assert_close(torch.cat([trunk.grad, extra.grad]), d, rtol=1e-5, atol=1e-5)
+
+
+class _LossProportional(gs.GradSurgery):
+    """A user-defined method that reads the loss values (``uses_loss_values`` keeps its default)."""
+
+    def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        assert losses is not None
+        self.seen = losses.clone()
+        return G.shape[0] * losses / losses.sum()
+
+
+def test_a_user_defined_method_receives_the_accumulated_loss_values() -> None:
+    model = _model()
+    x, y = _data()
+    opt = _LossProportional(torch.optim.SGD(model.parameters(), lr=0.1))
+    first, second = model.losses(x[:8], y[:8]), model.losses(x[8:], y[8:])
+    opt.backward(first)
+    opt.backward(second)
+    expected = torch.tensor([a.item() + b.item() for a, b in zip(first, second)], dtype=torch.float64)
+    torch.testing.assert_close(opt.seen, expected)
+    assert not gs.PCGrad.uses_loss_values and gs.MGDA(torch.optim.SGD(model.parameters()), normalization="loss").uses_loss_values
