@@ -4,8 +4,8 @@ Each ``J`` function is Gram → weights → combine: two passes over ``J`` and a
 ``*_weights`` functions take the Gram matrix directly. Keyword names and defaults match the wrappers.
 
 Inputs are checked for NaN/Inf through the Gram matrix's diagonal (``T`` values, no extra pass over
-``J``); with the overflow check below, these are the functions' host synchronisations (the wrappers
-with ``nonfinite="propagate"`` have none). A non-finite input raises
+``J``, one host synchronisation; a second only when that diagonal is out of range; the wrappers with
+``nonfinite="propagate"`` have none). A non-finite input raises
 :class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks. A Gram matrix that overflowed
 or underflowed in fp32 although ``J`` is finite is recomputed with the rows scaled first (see
 :func:`gradsurgery.backend.gram`), so magnitudes from 1e-30 to 1e30 work in fp32.
@@ -46,8 +46,9 @@ def aggregate(
     """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``."""
     _check_J(J)
     _backend.check_backend(backend, J.device)
-    G = _backend.gram(J, backend=backend, rescue=True)
-    check_finite_gram(G)
+    G, in_range = _backend.rescued(J, _backend.gram(J, backend=backend))
+    if not in_range:  # the common case reads G back once, in the rescue check
+        check_finite_gram(G)
     w = weights_of(G)
     if out is None:
         out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
