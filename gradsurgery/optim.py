@@ -437,10 +437,10 @@ class GradSurgery(torch.optim.Optimizer):
 class Sum(GradSurgery):
     """Naive summation: ``.grad`` is what ``sum(losses).backward()`` gives. The baseline."""
 
+    uses_loss_values = False
+
     def __init__(self, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         super().__init__(optimizer, **options)
-
-    uses_loss_values = False
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
@@ -449,12 +449,12 @@ class Sum(GradSurgery):
 class Mean(GradSurgery):
     """The mean of the task gradients: what ``mean(losses).backward()`` gives."""
 
+    uses_loss_values = False
+
     def __init__(self, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         if "reduction" in options:
             raise ValueError("Mean is Sum with reduction='mean'; it takes no reduction= of its own")
         super().__init__(optimizer, reduction="mean", **options)
-
-    uses_loss_values = False
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
@@ -466,6 +466,7 @@ class PCGrad(GradSurgery):
     seeded with ``seed`` (drawn from torch's global generator when ``None``, so ``torch.manual_seed``
     makes runs reproducible); its state is part of :meth:`state_dict`.
     """
+    uses_loss_values = False
 
     def __init__(
         self,
@@ -483,8 +484,6 @@ class PCGrad(GradSurgery):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.seed)
 
-    uses_loss_values = False
-
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         chains = _backend.solvers(self.backend, G).get("pcgrad")
         return _pcgrad.pcgrad_weights(G, generator=self.generator, chains=chains)
@@ -499,6 +498,7 @@ class PCGrad(GradSurgery):
 
 class CAGrad(GradSurgery):
     __doc__ = "CAGrad as an optimizer wrapper.\n\n" + (_cagrad.__doc__ or "")
+    uses_loss_values = False
 
     def __init__(
         self,
@@ -513,8 +513,6 @@ class CAGrad(GradSurgery):
         _check_max_iter(max_iter)
         super().__init__(optimizer, **options)
         self.c, self.rescale, self.max_iter = c, rescale, max_iter
-
-    uses_loss_values = False
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         solve = _backend.solvers(self.backend, G).get("cagrad")

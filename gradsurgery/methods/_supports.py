@@ -96,8 +96,8 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Te
     """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``2 ≤ T ≤ MAX_TASKS``."""
     rhs = torch.zeros(G.shape[0] + 1, 2, dtype=G.dtype, device=G.device)
     rhs[-1, 0] = 1.0
+    rhs[:-1, 1] = -b
     with torch.inference_mode():
-        rhs[:-1, 1] = -b
         solutions = _face_solutions(G, rhs)
         w0, w1 = solutions.unbind(dim=2)
         margin = phi * phi - _quadratic(w1, G)
