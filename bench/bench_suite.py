@@ -25,7 +25,8 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
   losses: instance-wise risk). The heads get ``w_t``-weighted gradients here, not their plain ones;
 - ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step.
 
-Also: the tiny-problem overhead over the 2-backward floor (``bench.bench_step``'s measurement, run here),
+Also: the tiny-problem overhead over the 2-backward floor (``bench.bench_step``'s measurement, run here,
+with ``minimal-pcgrad``: the same PCGrad step written by hand with no library, the design's lower bound),
 and, for the MLP at T = 8 and the conv model, the peak extra resident memory in a fresh process
 (``harness.peak_memory_during``, glibc's mmap threshold fixed) of the first 2 steps and of 2 later ones.
 Every target of the issue is checked against the run (``targets``).
@@ -105,6 +106,7 @@ TINY_KINDS = (
     "torchjd-cagrad",
     "torchjd-mgda",
     "pyo-pcgrad",
+    "minimal-pcgrad",
 )
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when bench_suite rewrites the file above it. -->"
 PLOT_KINDS = (
@@ -807,7 +809,10 @@ def markdown(
             "",
             "`bench_step`'s tiny problem (x ∈ R², two conflicting losses); "
             f"floor {tiny['variants']['floor']['median_s'] * 1e6:.0f} µs, {tiny['variants']['floor']['rounds']} rounds. "
-            f"`gs-{{method}}` use the default engine (it ran: {sorted(set(tiny['gs_engines'].values()))}).",
+            f"`gs-{{method}}` use the default engine (it ran: {sorted(set(tiny['gs_engines'].values()))}); "
+            "`minimal-pcgrad` is the same PCGrad step written by hand with nothing to orchestrate "
+            "(rows of J, Gram, non-finite check, closed-form weights, combine, inner step): "
+            "the least any wrapper of this design pays here.",
             "",
             table(
                 ["variant", "µs/step", "overhead µs", "overhead µs (paired)"],
