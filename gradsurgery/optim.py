@@ -65,7 +65,8 @@ class GradSurgery(torch.optim.Optimizer):
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so LR
     schedulers, ``torch.amp.GradScaler`` and checkpoints work on the wrapper. Subclasses implement
-    :meth:`weights`.
+    :meth:`weights` (and set ``uses_loss_values = False`` when it ignores the loss values, which
+    spares gathering them every step).
 
     Options common to every wrapper (keyword-only):
 
