@@ -100,80 +100,84 @@ def _max_relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from gradsurgery.kernels import combine, combine_reference, gram, gram_reference
-
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    T, P = args.tasks, args.columns
     env = _environment(device)
     records = []
     for name in args.dtypes.split(","):
-        dtype = DTYPES[name]
-        gen = torch.Generator(device=device).manual_seed(0)
-        J = torch.randn(T, P, generator=gen, device=device).to(dtype)
-        w = torch.rand(T, generator=gen, device=device, dtype=torch.float64)
-        out = torch.empty(P, dtype=dtype, device=device)
-        copy_dst = torch.empty_like(J)
-        j_bytes, out_bytes = J.numel() * J.element_size(), P * out.element_size()
-
-        def step_triton() -> None:
-            gram(J)
-            combine(w, J, out)
-
-        def step_torch() -> None:
-            gram_reference(J)
-            combine_reference(w, J, out)
-
-        # (op, impl, fn, bytes the op must move at least)
-        cases = [
-            ("copy", "torch", lambda: copy_dst.copy_(J), 2 * j_bytes),
-            ("gram", "triton", lambda: gram(J), j_bytes),
-            ("gram", "torch", lambda: gram_reference(J), j_bytes),
-            ("combine", "triton", lambda: combine(w, J, out), j_bytes + out_bytes),
-            ("combine", "torch", lambda: combine_reference(w, J, out), j_bytes + out_bytes),
-            ("gram+combine", "triton", step_triton, 2 * j_bytes + out_bytes),
-            ("gram+combine", "torch", step_torch, 2 * j_bytes + out_bytes),
-        ]
-        medians: dict[tuple[str, str], float] = {}
-        for op, impl, fn, moved in cases:
-            times = _time_ms(fn, repeats=args.repeats, warmup=args.warmup, cuda=cuda)
-            median = statistics.median(times)
-            medians[op, impl] = median
-            records.append(
-                {
-                    "bench": "kernels",
-                    "smoke": not cuda,
-                    "op": op,
-                    "impl": impl,
-                    "dtype": name,
-                    "T": T,
-                    "P": P,
-                    "median_ms": median,
-                    "min_ms": min(times),
-                    "max_ms": max(times),
-                    "repeats": len(times),
-                    "bytes_moved": moved,
-                    "GBps": moved / (median * 1e-3) / 1e9,
-                }
-            )
-        this_dtype = records[-len(cases) :]
-        copy = this_dtype[0]
-        for record in this_dtype:
-            record["time_over_copy"] = record["median_ms"] / copy["median_ms"]
-            record["fraction_of_copy_GBps"] = record["GBps"] / copy["GBps"]
-            if record["impl"] == "triton":
-                record["speedup_over_torch"] = medians[record["op"], "torch"] / record["median_ms"]
-        checks = {
-            "gram_max_rel_error": _max_relative_error(gram(J), gram_reference(J)),
-            "combine_max_rel_error": _max_relative_error(
-                combine(w, J, torch.empty_like(out)), combine_reference(w, J, torch.empty_like(out))
-            ),
-        }
-        for record in this_dtype:
-            record.update(checks, env=env)
-        del J, copy_dst, out
+        records += _run_dtype(name, args, device, env)  # its tensors are freed on return
         if cuda:
             torch.cuda.empty_cache()
+    return records
+
+
+def _run_dtype(name: str, args: argparse.Namespace, device: torch.device, env: dict) -> list[dict]:
+    from gradsurgery.kernels import combine, combine_reference, gram, gram_reference
+
+    cuda = device.type == "cuda"
+    T, P = args.tasks, args.columns
+    dtype = DTYPES[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    J = torch.randn(T, P, generator=gen, device=device).to(dtype)
+    w = torch.rand(T, generator=gen, device=device, dtype=torch.float64)
+    out = torch.empty(P, dtype=dtype, device=device)
+    copy_dst = torch.empty_like(J)
+    j_bytes, out_bytes = J.numel() * J.element_size(), P * out.element_size()
+
+    def step_triton() -> None:
+        gram(J)
+        combine(w, J, out)
+
+    def step_torch() -> None:
+        gram_reference(J)
+        combine_reference(w, J, out)
+
+    # (op, impl, fn, bytes the op must move at least)
+    cases = [
+        ("copy", "torch", lambda: copy_dst.copy_(J), 2 * j_bytes),
+        ("gram", "triton", lambda: gram(J), j_bytes),
+        ("gram", "torch", lambda: gram_reference(J), j_bytes),
+        ("combine", "triton", lambda: combine(w, J, out), j_bytes + out_bytes),
+        ("combine", "torch", lambda: combine_reference(w, J, out), j_bytes + out_bytes),
+        ("gram+combine", "triton", step_triton, 2 * j_bytes + out_bytes),
+        ("gram+combine", "torch", step_torch, 2 * j_bytes + out_bytes),
+    ]
+    medians: dict[tuple[str, str], float] = {}
+    records = []
+    for op, impl, fn, moved in cases:
+        times = _time_ms(fn, repeats=args.repeats, warmup=args.warmup, cuda=cuda)
+        median = statistics.median(times)
+        medians[op, impl] = median
+        records.append(
+            {
+                "bench": "kernels",
+                "smoke": not cuda,
+                "op": op,
+                "impl": impl,
+                "dtype": name,
+                "T": T,
+                "P": P,
+                "median_ms": median,
+                "min_ms": min(times),
+                "max_ms": max(times),
+                "repeats": len(times),
+                "bytes_moved": moved,
+                "GBps": moved / (median * 1e-3) / 1e9,
+            }
+        )
+    copy = records[0]
+    checks = {
+        "gram_max_rel_error": _max_relative_error(gram(J), gram_reference(J)),
+        "combine_max_rel_error": _max_relative_error(
+            combine(w, J, torch.empty_like(out)), combine_reference(w, J, torch.empty_like(out))
+        ),
+    }
+    for record in records:
+        record["time_over_copy"] = record["median_ms"] / copy["median_ms"]
+        record["fraction_of_copy_GBps"] = record["GBps"] / copy["GBps"]
+        if record["impl"] == "triton":
+            record["speedup_over_torch"] = medians[record["op"], "torch"] / record["median_ms"]
+        record.update(checks, env=env)
     return records
 
 
