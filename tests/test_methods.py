@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradsurgery.functional as F
+from gradsurgery.methods import _supports
 from gradsurgery.methods import cagrad as cagrad_module
 from gradsurgery.methods._simplex import frank_wolfe_gap
 from gradsurgery.methods.pcgrad import pcgrad_coefficients, random_orders
@@ -179,12 +180,16 @@ def test_mgda_zero_normalizer_is_guarded() -> None:
 # ---------------------------------------------------------------- CAGrad
 
 
-def _cagrad_dual(G: torch.Tensor, c: float) -> torch.Tensor:
-    """The dual solution w* the library uses, recovered from its normalised solver."""
+def _cagrad_dual(G: torch.Tensor, c: float, *, interior: bool = False) -> torch.Tensor:
+    """The dual solution w* the library uses (or its interior-point solver's), on the normalised problem."""
     T = G.shape[0]
     Gn = G.double() / G.double().diagonal().max()
     b, phi = Gn.sum(1) / T, c * Gn.sum().sqrt() / T
-    return cagrad_module._solve_two(Gn, b, phi) if T == 2 else cagrad_module._solve(Gn, b, phi, 48)
+    if T == 2:
+        return cagrad_module._solve_two(Gn, b, phi)
+    if interior or T > _supports.MAX_TASKS:
+        return cagrad_module._solve(Gn, b, phi, 48)
+    return _supports.cagrad_dual(Gn, b, phi)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -200,12 +205,15 @@ def test_cagrad_two_tasks_is_exact(kind: str, c: float) -> None:
     assert ours <= values.min() + 1e-12 * G.diagonal().max()
 
 
-@pytest.mark.parametrize("T", [3, 5, 10, 32, 64])
+@pytest.mark.parametrize(
+    ("T", "interior"),
+    [(T, True) for T in (3, 5, 10, 32, 64)] + [(T, False) for T in (3, 5, 10)],  # False: the exact solve
+)
 @pytest.mark.parametrize("kind", ["conflicting", "agreeing", "rank_deficient"])
-def test_cagrad_reaches_the_true_minimum(T: int, kind: str) -> None:
+def test_cagrad_reaches_the_true_minimum(T: int, kind: str, interior: bool) -> None:
     J = make_J(kind, T, 150, seed=T)
     G = J @ J.T
-    w = _cagrad_dual(G, 0.4)
+    w = _cagrad_dual(G, 0.4, interior=interior)
     assert w.min() >= 0 and abs(w.sum().item() - 1) < 1e-12
     ours = cagrad_module.cagrad_objective(w, G, 0.4).item()
     ref = cagrad_min_scipy(G.numpy(), 0.4)
