@@ -84,7 +84,7 @@ def _quadratic(points: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def min_norm(G: torch.Tensor) -> torch.Tensor:
-    """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` normalised to O(1), ``2 ≤ T ≤ MAX_TASKS``."""
+    """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` normalised to O(1), ``T ≤ MAX_TASKS``."""
     rhs = torch.zeros(G.shape[0] + 1, 1, dtype=G.dtype, device=G.device)
     rhs[-1] = 1.0
     with torch.inference_mode():
@@ -93,7 +93,7 @@ def min_norm(G: torch.Tensor) -> torch.Tensor:
 
 
 def cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``2 ≤ T ≤ MAX_TASKS``."""
+    """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``T ≤ MAX_TASKS``."""
     rhs = torch.zeros(G.shape[0] + 1, 2, dtype=G.dtype, device=G.device)
     rhs[-1, 0] = 1.0
     rhs[:-1, 1] = -b
