@@ -25,8 +25,8 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
   losses: instance-wise risk). The heads get ``w_t``-weighted gradients here, not their plain ones;
 - ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step.
 
-Also: the tiny-problem overhead over the 2-backward floor (``bench.bench_step``'s measurement, run here,
-with ``minimal-pcgrad``: the same PCGrad step written by hand with no library, the design's lower bound),
+Also: the tiny-problem overhead over the 2-backward floor (``bench.tiny``, with ``minimal-pcgrad``: the
+same PCGrad step written by hand with no library, the design's lower bound),
 and, for the MLP at T = 8 and the conv model, the peak extra resident memory in a fresh process
 (``harness.peak_memory_during``, glibc's mmap threshold fixed) of the first 2 steps and of 2 later ones.
 Every target of the issue is checked against the run (``targets``).
@@ -63,8 +63,9 @@ from torch import nn
 
 import gradsurgery as gs
 from bench import harness
+from bench.peers import CAGRAD_C, torchjd_aggregator, torchjd_weighting
+from bench.tiny import TINY_KINDS, make_tiny_step
 
-CAGRAD_C = 0.4
 LR = 1e-4
 METHODS = ("pcgrad", "cagrad", "mgda")
 MMAP_THRESHOLD = 1 << 17  # glibc's default before it adapts: large tensors mapped alone, unmapped when freed
@@ -94,19 +95,6 @@ MEMORY_KINDS = (
     "torchjd-mgda",
     "autogram-pcgrad",
     "pyo-pcgrad",
-)
-TINY_KINDS = (
-    "naive",
-    "floor",
-    "gs-pcgrad-loop",
-    "gs-pcgrad",
-    "gs-cagrad",
-    "gs-mgda",
-    "torchjd-pcgrad",
-    "torchjd-cagrad",
-    "torchjd-mgda",
-    "pyo-pcgrad",
-    "minimal-pcgrad",
 )
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when bench_suite rewrites the file above it. -->"
 PLOT_KINDS = (
@@ -232,24 +220,6 @@ def _ours(kind: str, opt: torch.optim.Optimizer) -> tuple[gs.GradSurgery, bool]:
     return wrapper, mode == "repr"
 
 
-def _torchjd_aggregator(method: str):
-    from torchjd import aggregation
-
-    return {"pcgrad": aggregation.PCGrad, "cagrad": lambda: aggregation.CAGrad(c=CAGRAD_C), "mgda": aggregation.MGDA}[
-        method
-    ]()
-
-
-def _torchjd_weighting(method: str):
-    from torchjd import aggregation
-
-    return {
-        "pcgrad": aggregation.PCGradWeighting,
-        "cagrad": lambda: aggregation.CAGradWeighting(c=CAGRAD_C),
-        "mgda": aggregation.MGDAWeighting,
-    }[method]()
-
-
 def make_step(spec: Spec, kind: str) -> Callable[[], None]:
     """One training step of variant ``kind`` on its own model (module-level: picklable for memory runs)."""
     model, x, y = build(spec)
@@ -293,7 +263,7 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
     elif kind.startswith("torchjd-"):
         from torchjd.autojac import jac_to_grad, mtl_backward
 
-        aggregator = _torchjd_aggregator(kind.split("-", 1)[1])
+        aggregator = torchjd_aggregator(kind.split("-", 1)[1])
         shared = list(model.trunk.parameters())
 
         def step() -> None:
@@ -306,7 +276,7 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
     elif kind.startswith("autogram-"):
         from torchjd.autogram import Engine
 
-        weighting = _torchjd_weighting(kind.split("-", 1)[1])
+        weighting = torchjd_weighting(kind.split("-", 1)[1])
         engine = Engine(model.trunk, batch_dim=None)  # once, before the forward passes it hooks
 
         def step() -> None:
@@ -403,9 +373,7 @@ def bench_time(
 
 
 def bench_tiny(*, rounds: int, budget_s: float, out: Path, run_id: str) -> dict[str, Any]:
-    """bench_step's tiny problem (x ∈ R², two conflicting losses): µs per step over the 2-backward floor."""
-    from bench.bench_step import make_tiny_step
-
+    """The tiny problem (``bench.tiny``: x ∈ R², two conflicting losses): µs per step over the 2-backward floor."""
     variants = {kind: make_tiny_step(kind) for kind in TINY_KINDS}
     times = harness.interleave(variants, warmup=20, rounds=rounds, min_rounds=20, budget_s=budget_s)
     summary = harness.summarize(times, baselines={"floor": "floor"})
@@ -426,7 +394,7 @@ def bench_tiny(*, rounds: int, budget_s: float, out: Path, run_id: str) -> dict[
             "run": run_id,
             "kind": "tiny",
             "T": 2,
-            "problem": "bench_step.make_tiny_step: x in R^2, L1=(x.a)^2, L2=sin(x.b), conflicting gradients, SGD(lr=0)",
+            "problem": "bench.tiny.make_tiny_step: x in R^2, L1=(x.a)^2, L2=sin(x.b), conflicting gradients, SGD(lr=0)",
             "overhead_over_floor": overhead,
             "gs_engines": engines,
             "variants": {k: {kk: vv for kk, vv in v.items() if kk != "samples_s"} for k, v in summary.items()},
@@ -807,7 +775,7 @@ def markdown(
         parts += [
             "## Tiny problem: overhead per step over the 2-backward floor",
             "",
-            "`bench_step`'s tiny problem (x ∈ R², two conflicting losses); "
+            "The tiny problem (`bench/tiny.py`: x ∈ R², two conflicting losses); "
             f"floor {tiny['variants']['floor']['median_s'] * 1e6:.0f} µs, {tiny['variants']['floor']['rounds']} rounds. "
             f"`gs-{{method}}` use the default engine (it ran: {sorted(set(tiny['gs_engines'].values()))}); "
             "`minimal-pcgrad` is the same PCGrad step written by hand with nothing to orchestrate "
