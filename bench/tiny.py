@@ -5,7 +5,8 @@ problem, and so the branch each method takes, stays the same on every step). Var
 ``floor`` (the two backward passes and nothing else), ``floor-batched``, our wrappers (``gs-{sum,pcgrad,
 cagrad,mgda}`` with their defaults, ``gs-pcgrad-loop``), TorchJD (``autojac.backward`` + ``jac_to_grad``:
 there is no head), pytorch-optimizer's PCGrad, and ``minimal-pcgrad``: the same PCGrad step written by
-hand with no library, the lower bound of the design on the machine. ``bench.bench_suite`` times them.
+hand with no library, the lower bound of the design on the machine. ``bench.bench_suite`` times
+``TINY_KINDS``.
 """
 
 from __future__ import annotations
