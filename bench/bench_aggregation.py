@@ -29,9 +29,9 @@ import torch
 
 import gradsurgery as gs
 from bench import harness
+from bench.peers import CAGRAD_C
 
 METHODS = ("pcgrad", "cagrad", "mgda")
-CAGRAD_C = 0.4
 RANK = 8  # J = noise + a rank-8 mixture: rows with positive and negative inner products (conflicts)
 
 
