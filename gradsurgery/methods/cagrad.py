@@ -26,7 +26,7 @@ import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
 from . import _supports
-from ._simplex import DEFAULT_ITERATIONS, minimize_on_simplex
+from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
 
 RESCALES = ("1+c^2", "1+c", None)
 
@@ -115,18 +115,24 @@ def _solve_two(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Ten
 def _solve(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, max_iter: int) -> torch.Tensor:
     # ‖g_w‖ is smoothed to sqrt(‖g_w‖² + 1/t²): off by at most 1/t, like the barrier at weight t,
     # and its curvature near g_w = 0 (~t) never dwarfs the barrier's.
-    def derivatives(w: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(w: torch.Tensor, t: float) -> LocalModel:
         Gw = G @ w
-        norm = (w @ Gw + t**-2).sqrt()
-        grad = b + phi * Gw / norm
-        hess = (phi / norm) * (G - torch.outer(Gw, Gw) / norm**2)
-        return grad, hess
+        norm_sq = w @ Gw + t**-2
+        norm = norm_sq.sqrt()
+        # ∇f = b + φ·Gw/n, ∇²f = (φ/n)·(G − (Gw/n)(Gw/n)ᵀ)
+        scale = phi / norm
+        grad = torch.addcmul(b, scale, Gw)
+        unit = Gw / norm
+        hess = torch.addr(G, unit, unit, alpha=-1).mul_(scale)
 
-    def slope(w: torch.Tensor, d: torch.Tensor, steps: torch.Tensor, t: float) -> torch.Tensor:
-        # ∇f(w + s·d)·d = b·d + φ·(wᵀGd + s·dᵀGd) / sqrt(‖g_w‖² + 2s·wᵀGd + s²·dᵀGd + 1/t²)
-        Gd = G @ d
-        wGd, dGd = w @ Gd, d @ Gd
-        norm_sq = w @ G @ w + steps * (2 * wGd + steps * dGd) + t**-2
-        return b @ d + phi * (wGd + steps * dGd) / norm_sq.clamp_min(t**-2).sqrt()
+        def slope(d: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+            # ∇f(w + s·d)·d = b·d + φ·(wᵀGd + s·dᵀGd) / sqrt(n² + 2s·wᵀGd + s²·dᵀGd)
+            Gd = G @ d
+            wGd = w @ Gd
+            along = torch.addcmul(wGd, steps, d @ Gd)  # wᵀGd + s·dᵀGd
+            moved_sq = torch.addcmul(norm_sq, steps, along + wGd)
+            return torch.addcmul(b @ d, along / moved_sq.clamp_min(t**-2).sqrt(), phi)
 
-    return minimize_on_simplex(derivatives, slope, G.shape[0], like=G, iterations=max_iter)
+        return LocalModel(grad, hess, slope)
+
+    return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)

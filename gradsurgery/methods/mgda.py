@@ -28,7 +28,7 @@ import torch
 
 from ._common import as_losses, check_gram, check_reduction, normalized, symmetric64, to_reduction
 from . import _supports
-from ._simplex import DEFAULT_ITERATIONS, minimize_on_simplex
+from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -113,12 +113,15 @@ def _min_norm_two(G: torch.Tensor) -> torch.Tensor:
 
 
 def _min_norm(G: torch.Tensor, max_iter: int) -> torch.Tensor:
-    def derivatives(w: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return 2 * (G @ w), 2 * G
+    G2 = 2 * G  # f = wᵀGw: ∇f = 2Gw, ∇²f = 2G
 
-    def slope(w: torch.Tensor, d: torch.Tensor, steps: torch.Tensor, t: float) -> torch.Tensor:
-        # ∇f(w + s·d)·d = 2(wᵀGd + s·dᵀGd)
-        Gd = G @ d
-        return 2 * (w @ Gd + steps * (d @ Gd))
+    def objective(w: torch.Tensor, t: float) -> LocalModel:
+        grad = G2 @ w
 
-    return minimize_on_simplex(derivatives, slope, G.shape[0], like=G, iterations=max_iter)
+        def slope(d: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+            # ∇f(w + s·d)·d = ∇f(w)·d + s·dᵀ(2G)d
+            return torch.addcmul(grad @ d, steps, d @ (G2 @ d))
+
+        return LocalModel(grad, G2, slope)
+
+    return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)
