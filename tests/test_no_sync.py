@@ -23,7 +23,7 @@ class ForbidHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 8])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 12])  # 12: the interior point and its exact finish
 @pytest.mark.parametrize(
     "weights",
     [

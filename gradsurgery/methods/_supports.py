@@ -23,7 +23,9 @@ is a feasible point, so a spurious one (a nearly singular face) can only lose to
   and the minimiser lies on a smaller face). ``s* = 0`` is the kink ``g_w = 0``.
 
 The work is fixed (no iterations, no data-dependent branches, nothing read back to the host) and grows
-as ``2^T·T³``: it beats the interior-point solver up to ``MAX_TASKS`` tasks.
+as ``2^T·T³``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
+solve finishes the interior point: ``polish_*`` solve only the few faces that its weights point to and
+keep whichever of them and the interior point is best.
 """
 
 from __future__ import annotations
@@ -37,72 +39,117 @@ MAX_TASKS = 10
 # A candidate may undershoot 0 by rounding (a minimiser on the face's boundary); the problems are
 # normalised to O(1), so this is ~1e6 ulps, far below any meaningful weight.
 _FEASIBILITY_SLACK = 1e-10
+# Relative weight thresholds that guess an interior point's support (``_supports_of``).
+_POLISH_THRESHOLDS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
 
 
 @functools.lru_cache(maxsize=32)
-def _faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masks of the supports with ``|S| ≥ 2`` ``(K, T)``, where each face's bordered matrix takes ``G``
-    ``(K, T+1, T+1)``, and that matrix's constant part: identity rows outside ``S`` and the border."""
+def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_bordered`` for every support with ``|S| ≥ 2``."""
     codes = torch.arange(1 << size, dtype=torch.int64)
     bits = (codes[:, None] >> torch.arange(size)) & 1
-    masks = bits[bits.sum(dim=1) >= 2].to(torch.float64)
+    return _bordered(bits[bits.sum(dim=1) >= 2].to(torch.float64).to(device))
+
+
+def _bordered(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the supports ``masks`` ``(K, T)`` (0/1): the masks, where each face's bordered matrix takes
+    ``G`` ``(K, T+1, T+1)``, and that matrix's constant part: identity rows outside ``S`` and the border."""
+    size = masks.shape[1]
     inside = torch.nn.functional.pad(masks[:, :, None] * masks[:, None, :], (0, 1, 0, 1))
-    template = torch.zeros(len(masks), size + 1, size + 1, dtype=torch.float64)
-    template[:, :size, :size] = torch.diag_embed(1.0 - masks)
+    template = torch.nn.functional.pad(torch.diag_embed(1.0 - masks), (0, 1, 0, 1))
     template[:, :size, size] = masks
     template[:, size, :size] = masks
-    return masks.to(device), inside.to(device), template.to(device)
+    return masks, inside, template
 
 
-def _face_solutions(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Every face's bordered-system solution ``(K, T, R)`` for the right-hand sides ``rhs`` ``(T+1, R)``
+def _face_solutions(G: torch.Tensor, rhs: torch.Tensor, faces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Each face's bordered-system solution ``(K, T, R)`` for the right-hand sides ``rhs`` ``(T+1, R)``
     restricted to the face; NaN for a face whose system is singular."""
-    masks, inside, template = _faces(G.shape[0], G.device)
+    masks, inside, template = faces
     systems = torch.addcmul(template, inside, torch.nn.functional.pad(G, (0, 1, 0, 1)))
     face_rhs = rhs * torch.nn.functional.pad(masks, (0, 1), value=1.0)[:, :, None]
     solution, info = torch.linalg.solve_ex(systems, face_rhs)
     return torch.where((info == 0)[:, None, None], solution[:, :-1], torch.full_like(solution[:, :-1], float("nan")))
 
 
-def _best(points: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _best(
+    points: torch.Tensor, feasible: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """The candidate with the smallest ``objective`` among the face points ``(K, T)`` inside the
-    simplex (up to rounding, then clipped onto it) and the ``T`` vertices."""
+    simplex (up to rounding, then clipped onto it) and the points ``feasible`` ``(F, T)``, which are."""
     size = points.shape[1]
     inside = (points >= -_FEASIBILITY_SLACK).all(dim=1)  # False for NaN rows
     points = torch.where(inside[:, None], points, torch.full_like(points, 1.0 / size)).clamp_min(0)
-    points = torch.cat((points / points.sum(dim=1, keepdim=True), torch.eye(size, dtype=points.dtype, device=points.device)))
-    inside = torch.cat((inside, torch.ones(size, dtype=torch.bool, device=inside.device)))
+    points = torch.cat((points / points.sum(dim=1, keepdim=True), feasible))
+    inside = torch.cat((inside, torch.ones(len(feasible), dtype=torch.bool, device=inside.device)))
     values = objective(points)
     chosen = torch.where(inside, values, torch.full_like(values, float("inf"))).argmin(dim=0, keepdim=True)
     w = points.index_select(0, chosen).squeeze(0)  # indexing with a tensor would read it back
-    # A non-finite problem has no answer: say so with NaN weights, as the interior-point solver does.
-    return torch.where(values[-size:].isfinite().all(), w, torch.full_like(w, float("nan")))
+    # A non-finite problem has no answer: say so with NaN weights.
+    return torch.where(values[-len(feasible) :].isfinite().all(), w, torch.full_like(w, float("nan")))
 
 
 def _quadratic(points: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return ((points @ G) * points).sum(dim=-1)
 
 
+def _vertices(G: torch.Tensor) -> torch.Tensor:
+    return torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
 def min_norm(G: torch.Tensor) -> torch.Tensor:
     """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` normalised to O(1), ``T ≤ MAX_TASKS``."""
-    rhs = torch.zeros(G.shape[0] + 1, 1, dtype=G.dtype, device=G.device)
-    rhs[-1] = 1.0
     with torch.inference_mode():
-        w = _best(_face_solutions(G, rhs)[:, :, 0], lambda points: _quadratic(points, G))
+        w = _min_norm_among(G, _all_faces(G.shape[0], G.device), _vertices(G))
     return w.clone()  # an ordinary tensor again, usable outside inference mode
 
 
 def cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``T ≤ MAX_TASKS``."""
+    with torch.inference_mode():
+        w = _cagrad_among(G, b, phi, _all_faces(G.shape[0], G.device), _vertices(G))
+    return w.clone()
+
+
+def polish_min_norm(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (an approximate ``argmin_{w ∈ Δ} wᵀGw``, e.g. the interior point's) or, when better, the
+    exact minimiser on a face that ``w`` points at: see ``_supports_of``."""
+    with torch.inference_mode():
+        polished = _min_norm_among(G, _bordered(_supports_of(w)), w[None])
+    return polished.clone()
+
+
+def polish_cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``polish_min_norm`` for CAGrad's dual problem."""
+    with torch.inference_mode():
+        polished = _cagrad_among(G, b, phi, _bordered(_supports_of(w)), w[None])
+    return polished.clone()
+
+
+def _supports_of(w: torch.Tensor) -> torch.Tensor:
+    """Candidate supports of the minimiser that an interior point ``w`` approaches: the weights above
+    ``τ·max(w)`` for a few ``τ``. On the barrier path a weight outside the support shrinks like ``1/t``
+    while those inside settle at their final values, so one of these thresholds almost always separates
+    the two; a wrong guess is a feasible point or none, and loses to ``w`` itself in ``_best``."""
+    thresholds = torch.tensor(_POLISH_THRESHOLDS, dtype=w.dtype, device=w.device)
+    return (w[None, :] > thresholds[:, None] * w.amax()).to(w.dtype)
+
+
+def _min_norm_among(G: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor) -> torch.Tensor:
+    rhs = torch.zeros(G.shape[0] + 1, 1, dtype=G.dtype, device=G.device)
+    rhs[-1] = 1.0
+    return _best(_face_solutions(G, rhs, faces)[:, :, 0], feasible, lambda points: _quadratic(points, G))
+
+
+def _cagrad_among(
+    G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor
+) -> torch.Tensor:
     rhs = torch.zeros(G.shape[0] + 1, 2, dtype=G.dtype, device=G.device)
     rhs[-1, 0] = 1.0
     rhs[:-1, 1] = -b
-    with torch.inference_mode():
-        solutions = _face_solutions(G, rhs)
-        w0, w1 = solutions.unbind(dim=2)
-        margin = phi * phi - _quadratic(w1, G)
-        safe_margin = torch.where(margin > 0, margin, torch.ones_like(margin))
-        s = torch.where(margin > 0, (_quadratic(w0, G).clamp_min(0) / safe_margin).sqrt(), torch.full_like(margin, float("nan")))
-        points = torch.addcmul(w0, s[:, None], w1)
-        w = _best(points, lambda points: points @ b + phi * _quadratic(points, G).clamp_min(0).sqrt())
-    return w.clone()
+    w0, w1 = _face_solutions(G, rhs, faces).unbind(dim=2)
+    margin = phi * phi - _quadratic(w1, G)
+    safe_margin = torch.where(margin > 0, margin, torch.ones_like(margin))
+    s = torch.where(margin > 0, (_quadratic(w0, G).clamp_min(0) / safe_margin).sqrt(), torch.full_like(margin, float("nan")))
+    points = torch.addcmul(w0, s[:, None], w1)
+    return _best(points, feasible, lambda points: points @ b + phi * _quadratic(points, G).clamp_min(0).sqrt())

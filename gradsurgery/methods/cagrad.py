@@ -14,8 +14,9 @@ default), ``1 + c`` or ``None`` (1). ``c = 0`` is exactly naive summation.
 conditions on every face of the simplex at once. Larger ``T`` runs the fixed-budget interior-point
 solver of ``_simplex`` on the normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` along
 the barrier path (error ``≤ φ/t``, ``t`` reaching ``1e14``); it reaches the minimum to ``1e-6``
-relative in ``max_iter = 48`` iterations. The official code uses SciPy's SLSQP at its default
-tolerance instead.
+relative in ``max_iter = 48`` iterations, and an exact solve on the faces its weights point to
+(``_supports.polish_cagrad_dual``) then takes it to rounding whenever that face is non-degenerate.
+The official code uses SciPy's SLSQP at its default tolerance instead.
 """
 
 from __future__ import annotations
@@ -73,12 +74,11 @@ def cagrad_weights(
     phi = c * Gn.sum().clamp_min(0).sqrt() / T
     if T == 2:
         w_star = _solve_two(Gn, b, phi)
-    elif solve is not None:
-        w_star = solve(Gn, b, phi, max_iter)
-    elif T <= _supports.MAX_TASKS:
+    elif solve is None and T <= _supports.MAX_TASKS:
         w_star = _supports.cagrad_dual(Gn, b, phi)
     else:
-        w_star = _solve(Gn, b, phi, max_iter)
+        # The interior point (the fused kernel's or the one here), finished exactly on its support.
+        w_star = _supports.polish_cagrad_dual(Gn, b, phi, (solve or _solve)(Gn, b, phi, max_iter))
     norm = (w_star @ Gn @ w_star).clamp_min(0).sqrt()
     lam = torch.where(norm > 0, phi / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     divisor = {"1+c^2": 1 + c**2, "1+c": 1 + c, None: 1.0}[rescale]
