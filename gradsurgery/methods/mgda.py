@@ -79,7 +79,8 @@ def mgda_weights(
     if max_iter < 1:
         raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
     if normalization == "none":
-        G_hat = normalized(G)
+        # T = 2 has a closed form invariant to G's scale: no normalising (each op is µs on small problems).
+        G_hat = G.detach().to(torch.float64) if G.shape[0] == 2 else normalized(G)
     else:
         G64 = symmetric64(G)
         norms = _normalizers(G64, normalization, losses)
@@ -107,11 +108,13 @@ def _normalizers(G: torch.Tensor, normalization: str, losses: torch.Tensor | Seq
 
 
 def _min_norm_two(G: torch.Tensor) -> torch.Tensor:
-    numerator = G[1, 1] - G[0, 1]
-    denominator = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    alpha = torch.where(denominator > 0, numerator / safe, torch.full_like(numerator, 0.5)).clamp(0.0, 1.0)
-    return torch.stack((alpha, 1 - alpha))
+    # α₁ = (G₂₂ − G₁₂) / (G₁₁ + G₂₂ − 2G₁₂) clipped to [0, 1], ½ when the denominator is not positive.
+    # With u = G(e₁ − e₂) = (G₁₁ − G₁₂, G₂₁ − G₂₂): α₁ = u₂ / (u₂ − u₁), whose denominator reads G₁₂
+    # and G₂₁ alike (a BLAS Gram can be asymmetric by ulps).
+    u = G[:, 0] - G[:, 1]
+    rise = torch.diff(u)  # u₂ − u₁, the denominator's negative
+    alpha = torch.where(rise < 0, (u[1:] / rise).clamp(0.0, 1.0), 0.5)
+    return torch.cat((alpha, 1 - alpha))
 
 
 def _min_norm(G: torch.Tensor, max_iter: int) -> torch.Tensor:
