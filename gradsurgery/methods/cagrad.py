@@ -61,7 +61,7 @@ def cagrad_weights(
 
     ``solve(G_normalized, b, phi, max_iter)`` finds the dual solution for ``T ≥ 3`` (default: exact up
     to ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
-    fused kernel.
+    fused kernel. Either interior point is then finished exactly on its support.
     """
     check_gram(G)
     check_cagrad_options(c, rescale)

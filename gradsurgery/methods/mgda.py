@@ -71,21 +71,21 @@ def mgda_weights(
 
     ``solve(G_hat, max_iter)`` finds the min-norm weights for ``T ≥ 3`` (default: exact up to
     ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
-    fused kernel.
+    fused kernel. Either interior point is then finished exactly on its support.
     """
     check_gram(G)
     check_normalization(normalization)
     check_reduction(reduction)
     if max_iter < 1:
         raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
+    T = G.shape[0]
     if normalization == "none":
         # T = 2 has a closed form invariant to G's scale: no normalising (each op is µs on small problems).
-        G_hat = G.detach().to(torch.float64) if G.shape[0] == 2 else normalized(G)
+        G_hat = G.detach().to(torch.float64) if T == 2 else normalized(G)
     else:
         G64 = symmetric64(G)
         norms = _normalizers(G64, normalization, losses)
         G_hat = normalized(G64 / (norms[:, None] * norms[None, :]))
-    T = G.shape[0]
     if T == 2:
         alpha = _min_norm_two(G_hat)
     elif solve is None and T <= _supports.MAX_TASKS:
