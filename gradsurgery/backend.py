@@ -46,7 +46,7 @@ def resolve(backend: str, J: torch.Tensor) -> str:
 # A squared norm below this has lost digits to fp32 underflow (products of entries under ~1e-19
 # fall into the denormals), so the Gram is recomputed with the rows scaled first.
 _UNDERFLOW = 1e-30
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 19  # elements of J scaled in float64 at a time (a 4 MiB temporary)
 
 
 def solvers(backend: str, G: torch.Tensor) -> dict[str, Callable[..., torch.Tensor]]:

@@ -13,7 +13,9 @@ import torch
 
 from ._checks import accumulation_dtype, check_combine_args, check_triton_dtype, check_triton_matrix
 
-_CHUNK_ELEMENTS = 1 << 22
+# Half-precision rows are converted this many elements at a time (a 2 MiB fp32 temporary that stays in
+# cache): measured on the CPU (bf16, T = 2–16) 1.9–3.5× faster than 2^22.
+_CHUNK_ELEMENTS = 1 << 19
 _INTERPRETED_BLOCK_P = 1 << 14
 # w[t]·J[t, p] + acc as one fused multiply-add (one rounding), stated rather than left to Triton's
 # default, which 3.10 flips: the default changing would change the bits.

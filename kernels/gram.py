@@ -14,9 +14,10 @@ import torch
 
 from ._checks import accumulation_dtype, check_matrix, check_triton_matrix
 
-# Columns converted to the accumulation dtype at a time for half-precision inputs: bounds the
-# temporary copy to a few MiB instead of a full fp32 copy of J.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements converted to the accumulation dtype at a time for half-precision inputs: a 2 MiB fp32
+# temporary that stays in cache for the product. Measured on the CPU (bf16, T = 2–16): 2.2–2.8× faster
+# than 2^22 (16 MiB), whose peak also ate a third of what bf16 storage saves in a training step.
+_CHUNK_ELEMENTS = 1 << 19
 # Elements per block of the fp32/fp64 reference (4 MiB of fp32): measured best on the CPU from T = 2
 # (2^19 columns) to T = 32 (2^15); one (T × P)·(P × T) product is 2× slower at T = 8, P = 4M.
 _BLOCK_ELEMENTS = 1 << 20
