@@ -20,6 +20,10 @@ class ForbidHostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             raise AssertionError("a tensor value was read back to the host")
+        # torch.tensor(python_data, device=...) dispatches lift_fresh: on CUDA that is a copy from
+        # pageable host memory, which waits for the device (a sync in the other direction).
+        if func is torch.ops.aten.lift_fresh.default:
+            raise AssertionError("a tensor was built from host data")
         return func(*args, **(kwargs or {}))
 
 
@@ -42,8 +46,14 @@ def test_weights_do_not_read_values_back(T: int, weights) -> None:
 
 
 def test_the_spy_catches_a_read() -> None:
+    index = torch.tensor(1)
     with pytest.raises(AssertionError, match="read back"), ForbidHostReads():
-        torch.ones(3)[torch.tensor(1)].item()
+        torch.ones(3)[index].item()
+
+
+def test_the_spy_catches_host_data() -> None:
+    with pytest.raises(AssertionError, match="host data"), ForbidHostReads():
+        torch.tensor([0.5, 0.25], dtype=torch.float64)
 
 
 def test_combine_and_gram_do_not_read_values_back() -> None:

@@ -59,15 +59,17 @@ def minimize_on_simplex(objective: Objective, size: int, *, like: torch.Tensor, 
 
 def _barrier_path(objective: Objective, size: int, device: torch.device, iterations: int) -> torch.Tensor:
     # Every iteration is a few dozen kernels on T-sized tensors, so their count is the cost (a few µs
-    # each on a CPU): constants are built once and fused ops (addcmul, addr) stand in for pairs.
+    # each on a CPU): constants are built once and fused ops (addcmul, addr) stand in for pairs. They
+    # are built on the device, never from Python data: on CUDA that copy would wait for the device.
     w = torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
     if size == 1:
         return w
     eye = torch.eye(size, dtype=torch.float64, device=device)
     ones = torch.ones(size, dtype=torch.float64, device=device)
-    ladder = torch.tensor([-_SHORTEN * s for s in _STEP_LADDER] + [0.0], dtype=torch.float64, device=device)
+    halvings = torch.full((len(_STEP_LADDER),), 0.5, dtype=torch.float64, device=device).cumprod(0)
+    ladder = torch.nn.functional.pad(halvings * (-2 * _SHORTEN), (0, 1))  # −0.99·_STEP_LADDER, then 0
     last_rung = torch.zeros(len(ladder), dtype=torch.bool, device=device)
-    last_rung[-1] = True
+    last_rung[-1].fill_(True)
     t = 1.0
     for _ in range(iterations):
         local = objective(w, t)

@@ -39,8 +39,10 @@ MAX_TASKS = 10
 # A candidate may undershoot 0 by rounding (a minimiser on the face's boundary); the problems are
 # normalised to O(1), so this is ~1e6 ulps, far below any meaningful weight.
 _FEASIBILITY_SLACK = 1e-10
-# Relative weight thresholds that guess an interior point's support (``_supports_of``).
-_POLISH_THRESHOLDS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10)
+# Relative weight thresholds that guess an interior point's support (``_supports_of``): 1e-2, 1e-4,
+# …, 1e-10.
+_POLISH_RATIO = 1e-2
+_POLISH_GUESSES = 5
 
 
 @functools.lru_cache(maxsize=32)
@@ -131,13 +133,13 @@ def _supports_of(w: torch.Tensor) -> torch.Tensor:
     ``τ·max(w)`` for a few ``τ``. On the barrier path a weight outside the support shrinks like ``1/t``
     while those inside settle at their final values, so one of these thresholds almost always separates
     the two; a wrong guess is a feasible point or none, and loses to ``w`` itself in ``_best``."""
-    thresholds = torch.tensor(_POLISH_THRESHOLDS, dtype=w.dtype, device=w.device)
+    thresholds = torch.full((_POLISH_GUESSES,), _POLISH_RATIO, dtype=w.dtype, device=w.device).cumprod(0)
     return (w[None, :] > thresholds[:, None] * w.amax()).to(w.dtype)
 
 
 def _min_norm_among(G: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor) -> torch.Tensor:
     rhs = torch.zeros(G.shape[0] + 1, 1, dtype=G.dtype, device=G.device)
-    rhs[-1] = 1.0
+    rhs[-1].fill_(1.0)  # not rhs[-1] = 1.0: on CUDA that copies a host scalar, which waits for the device
     return _best(_face_solutions(G, rhs, faces)[:, :, 0], feasible, lambda points: _quadratic(points, G))
 
 
@@ -145,7 +147,7 @@ def _cagrad_among(
     G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor
 ) -> torch.Tensor:
     rhs = torch.zeros(G.shape[0] + 1, 2, dtype=G.dtype, device=G.device)
-    rhs[-1, 0] = 1.0
+    rhs[-1, 0].fill_(1.0)
     rhs[:-1, 1] = -b
     w0, w1 = _face_solutions(G, rhs, faces).unbind(dim=2)
     margin = phi * phi - _quadratic(w1, G)
