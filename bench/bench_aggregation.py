@@ -5,7 +5,8 @@ read of ``J``, the memory-traffic unit, as asked), ``J.sum(1)`` (``read1``: one 
 result: ``J.sum(0)`` also allocates and writes a fresh ``P``-vector, which costs page faults on every
 call once it passes glibc's mmap threshold, 32 MiB, i.e. at ``P = 16M``), ``gs.functional.{pcgrad, cagrad, mgda}(J)`` and TorchJD's
 aggregator of the same method called on the same ``J``. Then, for ``T = 64``: the weights alone
-(``gs.functional.*_weights(G)``) ÷ the whole aggregation at ``P = 4M``.
+(``gs.functional.*_weights(G)``) ÷ the whole aggregation at ``P = 4M``. Before the timings: the
+cosine between our update and TorchJD's, and how exactly each solves MGDA's min-norm problem.
 
     python -m bench.bench_aggregation              # full grid, ~5 minutes on 1 thread
     python -m bench.bench_aggregation --quick      # small sizes, seconds (a smoke test)
@@ -122,6 +123,27 @@ def agreement(tjd: dict[str, object]) -> dict[str, dict[str, float]]:
             a, b = ours(method)(J), agg(J)
             cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
             out.setdefault(method, {})[f"T={T}"] = cos
+    return out
+
+
+def mgda_accuracy(weightings: dict[str, object]) -> dict[str, dict[str, dict[str, float]]]:
+    """How exactly each library solves MGDA's min-norm problem on a conflicting ``J`` (fp64 Gram): the
+    Frank–Wolfe gap of its weights (the KKT residual, ÷ ``max‖g_t‖²``) and its objective ``‖d‖²`` ÷ ours."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for T in (8, 32, 64):
+        J = make_J(T, 65_536, seed=2).double()
+        G = J @ J.T
+        solutions = {"ours": gs.functional.mgda_weights(G, reduction="mean")}
+        if "mgda" in weightings:
+            w = weightings["mgda"](G).double()
+            solutions["torchjd"] = w / w.sum()
+        best = solutions["ours"] @ G @ solutions["ours"]
+        for name, alpha in solutions.items():
+            grad = 2 * G @ alpha
+            out.setdefault(name, {})[f"T={T}"] = {
+                "kkt_gap": float((alpha @ grad - grad.min()) / G.diagonal().max()),
+                "objective_over_ours": float(alpha @ G @ alpha / best),
+            }
     return out
 
 
@@ -278,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     cos = agreement(tjd)
     harness.record(args.out, {"bench": "aggregation", "kind": "agreement", "cosine_ours_torchjd": cos})
     print("cos(ours, TorchJD) of the update, P=100k fp64:", {m: {k: round(v, 6) for k, v in d.items()} for m, d in cos.items()})
+
+    accuracy = mgda_accuracy(torchjd_weightings())
+    harness.record(args.out, {"bench": "aggregation", "kind": "mgda_accuracy", "P": 65_536, "solutions": accuracy})
+    print("MGDA min-norm problem, P=65k fp64: KKT gap ÷ max‖g‖², objective ÷ ours:")
+    for name, cases in accuracy.items():
+        print(f"  {name}: " + ", ".join(f"{T}: {c['kkt_gap']:.1e}, {c['objective_over_ours']:.3f}" for T, c in cases.items()))
 
     table = bench_grid(args, tjd, missing)
     print("\nAggregation alone, fp32 CPU (medians; ratios measured in the same run)")
