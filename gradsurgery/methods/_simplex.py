@@ -78,12 +78,13 @@ def _barrier_path(objective: Objective, size: int, device: torch.device, iterati
         # by t ≈ 1e14, would cancel catastrophically against the constraint.
         centered = local.grad - local.grad @ w
         # Right-hand sides [1 − t·w ⊙ centered, w]: the first is the Newton right-hand side negated, so
-        # that the solve gives Δw/w directly.
+        # that eliminating the multiplier below leaves Δw/w itself rather than its negative.
         rhs = torch.stack((torch.addcmul(ones, w, centered, value=-t), w), dim=1)
         x = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, rhs, upper=False), upper=True)
         wx = w @ x
-        # Δw = w ⊙ relative (the relative change of each weight), with the multiplier of 1ᵀΔw = 0 eliminated. A failed factorisation leaves a
-        # finite but meaningless partial factor (LAPACK and cuSOLVER differ): it, like a NaN, yields no step.
+        # Δw = w ⊙ relative (each weight's relative change), the multiplier of 1ᵀΔw = 0 eliminated. A
+        # failed factorisation leaves a finite but meaningless partial factor (LAPACK and cuSOLVER
+        # differ): it, like a NaN, yields no step.
         relative = torch.addcmul(x[:, 0], wx[0] / wx[1], x[:, 1], value=-1)
         relative = torch.where(info == 0, torch.nan_to_num(relative, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
         direction = w * relative
