@@ -1,0 +1,105 @@
+"""Aligned-MTL: independent component alignment (Senushkin et al., CVPR 2023, Algorithm 1).
+
+Aligned-MTL replaces the gradient matrix by the closest matrix whose condition number is 1: with the
+singular value decomposition ``J = U Σ Vᵀ`` (rows of ``J`` the task gradients) of rank ``r``, the aligned
+gradients are the rows of ``Ĵ = s·U_r V_rᵀ``, orthogonal and of equal norm ``s``, and the update is their
+sum. In Gram space, ``G = J Jᵀ = U Λ Uᵀ`` with ``Λ = Σ²``, so ``Ĵ = B J`` for the balance transformation ::
+
+    B = s · U_r Λ_r^{-1/2} U_rᵀ,    w = B·1,    d = wᵀJ = Σ_t ĝ_t
+
+``scale_mode`` chooses ``s²``: ``"min"`` (default; paper, official code and TorchJD) the smallest kept
+eigenvalue ``λ_r``, i.e. ``s = σ_min``; ``"median"`` the median kept eigenvalue (the lower one of the two
+middle values for an even rank, as ``torch.median`` in the official code and TorchJD); ``"rmse"`` their
+mean (``s`` the root mean square of the singular values). ``B`` depends on ``U`` only through spectral
+projectors (equal eigenvalues get equal factors), so neither the signs nor the order of the
+eigenvectors, nor the basis chosen within a repeated eigenvalue, changes the result.
+
+Scale: the official code and LibMTL sum the aligned gradients (``w = B·1``, the sum scale used here);
+the paper writes the update with task weights and TorchJD's default weights are ``1/T`` (its weights
+are ``B·1/T``, ``reduction="mean"`` here). ``w`` is invariant to a positive rescaling of ``G``, so the
+update is positively homogeneous.
+
+**Rank.** Eigenvalues at or below ``T·ε·λ_max`` count as zero (``ε`` of G's dtype), the rule of the
+official code (which takes ``ε`` of the default dtype, float32) and TorchJD; their directions are left
+out of ``B``. A zero gradient is such a direction on its own: it gets weight 0 and the other tasks are
+aligned as if it were absent. When every gradient is zero (rank 0), ``B = I`` (as in TorchJD; the
+official code fails there): ``w = 1``, ``d = 0``. LibMTL's ``Aligned_MTL`` has only the ``"min"`` scale
+and fails at rank 0, like the official code.
+
+The decomposition is one ``torch.linalg.eigh`` of ``G`` (``T × T``, float64): on CUDA ``eigh`` checks
+its error code on the host, a synchronisation; nothing else reads a value back (the official code and
+TorchJD count the rank and index with it on the host).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_gram, check_reduction, to_reduction
+from ._spectral import finite_symmetric64, nan_unless, rank_tolerance
+
+SCALE_MODES = ("min", "median", "rmse")
+
+BIBTEX = """@inproceedings{senushkin2023independent,
+  title     = {Independent Component Alignment for Multi-Task Learning},
+  author    = {Senushkin, Dmitry and Patakin, Nikolay and Kuznetsov, Arseny and Konushin, Anton},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {20083--20093},
+  year      = {2023}
+}"""
+
+
+def check_aligned_mtl_options(scale_mode: str) -> None:
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+
+
+def aligned_mtl_weights(G: torch.Tensor, *, scale_mode: str = "min", reduction: str = "sum") -> torch.Tensor:
+    """Weights ``w = B·1`` (float64, on G's device) with ``d = wᵀJ`` the Aligned-MTL update (sum scale)."""
+    check_gram(G)
+    check_aligned_mtl_options(scale_mode)
+    check_reduction(reduction)
+    U, factors, rank, present, finite = _spectrum(G, scale_mode)
+    w = U @ (factors * U.sum(dim=0)) * present  # B·1 = U diag(f) Uᵀ1
+    w = torch.where(rank > 0, w, torch.ones_like(w))  # every gradient zero: B = I
+    return to_reduction(nan_unless(finite, w), reduction)
+
+
+def balance_transformation(G: torch.Tensor, *, scale_mode: str = "min") -> torch.Tensor:
+    """``B`` (float64, ``T × T``, on G's device): the aligned gradients are the rows of ``B J``."""
+    check_gram(G)
+    check_aligned_mtl_options(scale_mode)
+    U, factors, rank, present, finite = _spectrum(G, scale_mode)
+    B = (U * factors) @ U.mT * present[:, None] * present[None, :]
+    B = torch.where(rank > 0, B, torch.eye(B.shape[0], dtype=B.dtype, device=B.device))
+    return nan_unless(finite, B)
+
+
+def _spectrum(G: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, ...]:
+    """``(U, f, rank, present, finite)`` with ``B = U diag(f) Uᵀ``: ``f = s/sqrt(λ)`` on the kept
+    eigenvalues, 0 elsewhere; ``present`` masks the non-zero gradients (a zero gradient's row and column
+    of ``B`` are 0, exactly rather than to the rounding of the other eigenvectors)."""
+    T = G.shape[0]
+    G64, finite = finite_symmetric64(G)
+    present = (G64.diagonal() > 0).to(G64.dtype)
+    largest = G64.diagonal().amax()
+    G64 = G64 / torch.where(largest > 0, largest, torch.ones_like(largest))  # B is scale-invariant
+    lam, U = torch.linalg.eigh(G64)  # ascending: the kept eigenvalues are the last ``rank``
+    kept = lam > rank_tolerance(G.dtype, T) * lam.amax()
+    rank = kept.sum()
+    squared_scale = _squared_scale(lam, kept, rank, scale_mode)
+    safe = torch.where(kept, lam, torch.ones_like(lam))
+    factors = torch.where(kept, (squared_scale / safe).sqrt(), torch.zeros_like(lam))
+    return U, factors, rank, present, finite
+
+
+def _squared_scale(lam: torch.Tensor, kept: torch.Tensor, rank: torch.Tensor, scale_mode: str) -> torch.Tensor:
+    """``s²`` from the kept eigenvalues, the last ``rank`` entries of the ascending ``lam``."""
+    T = lam.shape[0]
+    first = (T - rank).clamp(max=T - 1).reshape(1)  # index of the smallest kept eigenvalue
+    if scale_mode == "min":
+        return lam.gather(0, first).squeeze(0)
+    if scale_mode == "median":
+        # torch.median of the kept values: the ((rank − 1) // 2)-th smallest.
+        return lam.gather(0, first + (rank.reshape(1) - 1).clamp_min(0) // 2).squeeze(0)
+    return (lam * kept).sum() / rank.clamp_min(1)
