@@ -31,7 +31,6 @@ launcher ``graddrop`` (kernel in ``_graddrop_triton``, loaded on first use) is t
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
