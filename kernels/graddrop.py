@@ -59,7 +59,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def graddrop_seed(generator: torch.Generator | None = None, *, device: torch.device | str | None = None) -> torch.Tensor:
+def graddrop_seed(
+    generator: torch.Generator | None = None, *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """One int64 seed (shape ``(1,)``) drawn from ``generator`` (torch's default generator when ``None``).
 
     Drawn on the generator's device and moved to ``device``: with a generator on ``J``'s device the draw
@@ -145,7 +147,8 @@ def _check_out(J: torch.Tensor, out: torch.Tensor) -> None:
 
 def _check_seed(seed: torch.Tensor, device: torch.device) -> None:
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.dim() != 1:
-        described = f"{seed.dtype} of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        is_tensor = isinstance(seed, torch.Tensor)
+        described = f"{seed.dtype} of shape {tuple(seed.shape)}" if is_tensor else type(seed).__name__
         raise ValueError(f"seed must be a (1,) int64 tensor (graddrop_seed), got {described}")
     if seed.device != device:
         raise ValueError(f"seed is on {seed.device} but J is on {device}")

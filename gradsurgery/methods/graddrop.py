@@ -80,7 +80,10 @@ def check_graddrop_options(leak: Leak, T: int | None = None) -> None:
         if not leak.is_floating_point():
             raise ValueError(f"leak must be a floating-point tensor, got dtype {leak.dtype}")
         return
-    values = [leak] if _is_number(leak) else list(leak) if isinstance(leak, Sequence) and not isinstance(leak, str) else None
+    if _is_number(leak):
+        values = [leak]
+    else:
+        values = list(leak) if isinstance(leak, Sequence) and not isinstance(leak, str) else None
     if values is None or not all(_is_number(v) for v in values):
         raise ValueError(f"leak must be a number in [0, 1], a sequence of them or a tensor, got {leak!r}")
     if not all(0.0 <= v <= 1.0 for v in values):  # NaN fails both comparisons

@@ -23,14 +23,14 @@ tensor work on the normalised ``G`` (the weights and targets are invariant to a 
 **State.** ``targets`` is the ``(T, T)`` float64 matrix ``φ̂`` (row ``i``, column ``j``; the diagonal
 is never read or changed). ``None`` starts at zeros, the paper's initial value; the function returns
 ``(w, new_targets)`` and leaves its input untouched, so the caller keeps the state (and checkpoints
-it). Defaults: ``beta = 1e-2``, the EMA rate of the paper's Algorithm 1/Eq. 3 and of TorchJD's first
-GradVac; LibMTL and the current TorchJD default to ``0.5``, which makes the target follow the last few
-steps instead of a long-run average.
+it). Default ``beta = 1e-2``: the EMA rate the paper uses (Eq. 3), also TorchJD's first GradVac's; LibMTL
+and the current TorchJD default to ``0.5``, which makes the target follow the last few steps instead of
+a long-run average (pass ``beta=0.5`` to compare with them).
 
-**Guards.** A zero ``g_j``, or a ``g_i'`` that is zero or has cancelled to rounding noise (``‖g_i'‖² ≤
-64·T·ε·(Σ_k |c_ik|·‖g_k‖)²``, ``ε`` of ``G``'s dtype: e.g. an antiparallel pair corrected to
-``φ̂ = 0`` cancels exactly) has cosine ``φ = 0`` (LibMTL's and TorchJD's epsilons give the same) and
-gets no correction; a target with ``|φ̂| = 1``, where ``a`` is unbounded, gets no correction either.
+**Guards.** A zero ``g_j``, or a ``g_i'`` that is zero or has cancelled to rounding noise
+(``‖g_i'‖² ≤ 64·T·ε·(Σ_k |c_ik|·‖g_k‖)²`` with ``ε`` of ``G``'s dtype, fp32's for narrower ones: e.g. an
+antiparallel pair corrected to ``φ̂ = 0`` cancels exactly) has cosine ``φ = 0`` (LibMTL's and TorchJD's
+epsilons give the same) and gets no correction; a target with ``|φ̂| = 1``, where ``a`` is unbounded, gets no correction either.
 ``φ`` is clamped to ``[−1, 1]``. A non-finite ``G`` gives NaN weights and returns the targets unchanged.
 
 Differences from other implementations (the official code was not released):
@@ -38,12 +38,11 @@ Differences from other implementations (the official code was not released):
 - LibMTL (``GradVac``, ``beta = 0.5``) updates the EMA only on a visit that corrects
   (``φ < φ̂``), so from 0 a target can only decrease: ``target_update="on_correction"`` reproduces
   that; the default ``"always"`` is the paper's update on every visit. LibMTL adds ``1e-8`` to the
-  denominators and draws the orders with Python's ``random``; its ``grad_vac`` layer-wise groups
-  (``GradVac_group_type`` 1, 2, the paper's per-layer targets) are not offered here: one target per
-  pair for the whole shared parameter vector.
-- TorchJD's ``GradVac`` (``beta = 0.5``, ``eps = 1e-8``) is the algorithm above in Gram space, on the
-  CPU with a host round-trip per visit, orders from the global RNG; its earlier version updated the
-  target before comparing and computed ``√(1 − 2φ)`` for ``√(1 − φ²)``.
+  denominators and draws the orders with Python's ``random``; its per-layer and per-matrix groups
+  (``GradVac_group_type`` 1 and 2, the paper's finer granularities) are not offered here: one target
+  per pair for the whole shared parameter vector.
+- TorchJD's ``GradVac`` (``beta = 0.5``, ``eps = 1e-8``) is the algorithm above in Gram space (the same
+  per-visit update), run on the CPU with a host round-trip per visit and orders from the global RNG.
 """
 
 from __future__ import annotations
@@ -83,7 +82,9 @@ def check_gradvac_targets(targets: torch.Tensor | None, T: int) -> None:
         raise ValueError(f"targets must be floating point, got dtype {targets.dtype}")
 
 
-def gradvac_orders(T: int, *, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
+def gradvac_orders(
+    T: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """``(T, T − 1)`` visiting orders: ``random_orders`` for ``T ≥ 3``; the single order for ``T ≤ 2``."""
     if T >= 3:
         return random_orders(T, generator=generator, device=device)
@@ -109,25 +110,29 @@ def gradvac_coefficients(
     )
     rows = torch.arange(T, device=device)
     coefficients = torch.eye(T, dtype=torch.float64, device=device)
+    projections = Gn.clone()  # row i: G c_i, so (G c_i)_j = g_i'·g_j
     norms = Gn.diagonal().clamp_min(0).sqrt()
+    magnitude = norms.clone()  # Σ_k |c_ik|·‖g_k‖ ≥ ‖g_i'‖
     # A squared norm this far below its terms' magnitude is rounding noise (fp32's ε for narrower G).
     noise = 64 * T * torch.finfo(torch.float64 if G.dtype == torch.float64 else torch.float32).eps
     zero = torch.zeros(T, dtype=torch.float64, device=device)
     one = torch.ones_like(zero)
     for visit in orders.to(device).unbind(dim=1):
-        inner = (coefficients * Gn[visit]).sum(dim=1)  # g_i'·g_j
-        norm_sq = ((coefficients @ Gn) * coefficients).sum(dim=1)  # ‖g_i'‖²
-        magnitude = coefficients.abs() @ norms  # Σ_k |c_ik|·‖g_k‖ ≥ ‖g_i'‖
+        inner = projections.gather(1, visit[:, None]).squeeze(1)
+        norm_sq = (projections * coefficients).sum(dim=1)  # ‖g_i'‖²
         norm_i = norm_sq.clamp_min(0).sqrt()
         norm_j = norms[visit]
-        live = (norm_sq > noise * magnitude * magnitude) & (norm_j > 0)
+        live = (norm_sq > noise * magnitude.square()) & (norm_j > 0)
         phi = torch.where(live, inner / torch.where(live, norm_i * norm_j, one), zero).clamp(-1.0, 1.0)
         target = phi_hat[rows, visit]
-        room = (1 - target * target).clamp_min(0).sqrt()  # √(1 − φ̂²)
+        room = (1 - target.square()).clamp_min(0).sqrt()  # √(1 − φ̂²)
         below = phi < target
         correct = live & below & (room > 0)
-        step = norm_i * (target * (1 - phi * phi).clamp_min(0).sqrt() - phi * room)
-        coefficients[rows, visit] += torch.where(correct, step / torch.where(correct, norm_j * room, one), zero)
+        step = norm_i * (target * (1 - phi.square()).clamp_min(0).sqrt() - phi * room)
+        a = torch.where(correct, step / torch.where(correct, norm_j * room, one), zero)
+        coefficients[rows, visit] += a
+        projections += a[:, None] * Gn[visit]
+        magnitude += a.abs() * norm_j
         moved = (1 - beta) * target + beta * phi
         phi_hat[rows, visit] = moved if target_update == "always" else torch.where(below, moved, target)
     return coefficients, phi_hat
