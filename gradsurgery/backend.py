@@ -123,11 +123,29 @@ def combine(
     accumulate: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    wide: bool = False,
 ) -> torch.Tensor:
     """``out (+)= wᵀJ`` with fp32 accumulation; returns ``out``. ``validate=False`` skips the torch
-    path's argument checks, for arguments the caller built itself."""
+    path's argument checks, for arguments the caller built itself. ``wide=True`` accumulates in fp64
+    (weights included): for rows whose magnitudes and weights fp32 cannot multiply together, the
+    case where :func:`rescued` recomputed the Gram matrix."""
+    if wide:
+        return combine_wide(w, J, out, accumulate=accumulate)
     if resolve(backend, J) == "triton":
         return kernels.combine(w, J, out, accumulate=accumulate)
     if not validate:
         return combine_reference_unchecked(w, J, out, accumulate=accumulate)
     return kernels.combine_reference(w, J, out, accumulate=accumulate)
+
+
+def combine_wide(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
+    """``out (+)= wᵀJ`` in fp64, ``_CHUNK_ELEMENTS`` of ``J`` at a time; returns ``out``."""
+    weights = w.to(torch.float64)
+    T, P = J.shape
+    step = max(1, _CHUNK_ELEMENTS // max(T, 1))
+    for start in range(0, P, step):
+        part = weights @ J[:, start : start + step].to(torch.float64)
+        if accumulate:
+            part += out[start : start + step].to(torch.float64)
+        out[start : start + step].copy_(part)
+    return out

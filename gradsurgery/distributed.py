@@ -63,10 +63,11 @@ import torch.distributed as dist
 from . import backend as _backend
 from .errors import NonFiniteGradientError
 from .methods._common import to_reduction
+from .grads import Written, accumulate_plain
 from .taskgrads import SharedBuffer
 
 if TYPE_CHECKING:
-    from .optim import GradSurgery
+    from .optim import FeatureGradients, GradSurgery, PreparedGradients
 
 SYNC_MODES = ("exact", "local", "sharded")
 # Backends whose reduce-scatter sends (N−1)/N of the input; gloo's is a full all-reduce in disguise.
@@ -163,6 +164,8 @@ class _Local:
     suspects: torch.Tensor | None = None  # (T,) bool: tasks whose gradients may hold NaN/Inf
     features: torch.Tensor | None = None
     feature_rows: torch.Tensor | None = None  # (T, numel of features)
+    prepared: PreparedGradients | None = None
+    feature_prepared: FeatureGradients | None = None
 
 
 @dataclass
@@ -273,7 +276,8 @@ class DistributedSync:
 
     def _prepare(self, opt: GradSurgery, losses: Any, features: torch.Tensor | None) -> _Local:
         """Everything ``GradSurgery.backward`` does before it writes: checks and per-task gradients."""
-        losses, params, loss_values = opt._begin(losses)
+        accumulate = opt._accumulating()
+        losses, params, loss_values = opt._begin(losses, accumulate=accumulate)
         T = len(losses)
         if features is not None:
             prepared_features = opt._feature_gradients(losses, features, params)
@@ -285,9 +289,10 @@ class DistributedSync:
                 prepared_features.specific,
                 features=features,
                 feature_rows=prepared_features.rows,
+                feature_prepared=prepared_features,
             )
-        prepared = opt._task_gradients(losses, params)
-        local = _Local(T, params, loss_values, prepared.shared, prepared.specific, prepared.shared_rows)
+        prepared = opt._task_gradients(losses, params, accumulate=accumulate)
+        local = _Local(T, params, loss_values, prepared.shared, prepared.specific, prepared.shared_rows, prepared=prepared)
         if opt.nonfinite != "propagate":
             local.task_grads = prepared.grads
             local.suspects = _suspect_flags(prepared.grads, params[0].device)
@@ -366,11 +371,11 @@ class DistributedSync:
     # ------------------------------------------------------------------ the three modes
 
     def _step(self, opt: GradSurgery, local: _Local) -> None:
-        from .optim import _accumulate_plain
-
         T = local.T
         accumulate = opt._pending_tasks is not None
-        buffer = opt._ensure_buffer(local.shared, T) if local.shared else None
+        assert local.prepared is not None
+        buffer = local.prepared.buffer
+        opt._begin_writes(local.prepared, accumulate=accumulate)
         if buffer is not None:
             for t in range(T):
                 buffer.write(t, local.shared_rows[t], accumulate=accumulate)
@@ -401,9 +406,12 @@ class DistributedSync:
                     opt._surgery(buffer)
                 else:
                     self._sharded_surgery(opt, buffer, owned)
-        _accumulate_plain([(p, [s]) for (p, _), s in zip(local.specific, sums)])
+        accumulate_plain([(p, [s]) for (p, _), s in zip(local.specific, sums)])
         opt._pending_tasks = T
         opt._num_tasks = T
+        opt._checkpoint_tasks = None
+        opt._unstepped = True
+        opt._written = None if buffer is None else Written.of(buffer.params)
 
     def _shard_for(self, buffer: SharedBuffer) -> _Shard:
         key = (id(buffer), buffer.matrix.shape, buffer.matrix.dtype, self.native_reduce_scatter)
@@ -456,9 +464,11 @@ class DistributedSync:
         if width:
             _backend.combine(w, owned, shard.update[:width], backend=opt.backend)
         self._all_gather(shard.gathered, shard.update).wait()
-        for columns, update in buffer.groups:
+        for (columns, update), base in zip(buffer.groups, buffer.bases or [None] * len(buffer.groups)):
             update.copy_(shard.gathered[columns])
-        buffer.attach_grads()
+            if base is not None:
+                update.add_(base)
+        buffer.attach_grads(frozenset(opt._window_reached))
         opt.last_gram, opt.last_weights = G, w
 
     def _features_step(self, opt: GradSurgery, local: _Local) -> None:
@@ -467,8 +477,6 @@ class DistributedSync:
         With the global loss the mean of the ranks' (equal-batch) losses, ``∂L/∂z_r = ∂L_r/∂z_r / N``, so the
         global Gram is ``Σ_r G_r / N²`` — one all-reduce of ``T²`` numbers (``exact`` and ``sharded``).
         """
-        from .optim import _accumulate_plain
-
         assert local.feature_rows is not None and local.features is not None
         rows = local.feature_rows
         G = _backend.gram(rows, backend=opt.backend)
@@ -478,17 +486,16 @@ class DistributedSync:
             _wait([*works, self._all_reduce(G)])
             G = G / self.world**2
         w = to_reduction(opt.weights(G, loss_values), opt.reduction)
-        combined = _backend.combine(w, rows, torch.empty_like(rows[0]), backend=opt.backend)
-        encoder_grads = torch.autograd.grad(
-            local.features, local.shared, grad_outputs=combined.view_as(local.features), allow_unused=True
-        )
+        assert local.feature_prepared is not None
+        encoder_grads = opt._through_features(local.feature_prepared, w)
         pairs = [(p, g) for p, g in zip(local.shared, encoder_grads) if g is not None]
         pairs += [(p, _total(grads)) for p, grads in local.specific]
         works, means = self._mean_bucketed([g for _, g in pairs])
         _wait(works)
-        _accumulate_plain([(p, [g]) for (p, _), g in zip(pairs, means)])
+        accumulate_plain([(p, [g]) for (p, _), g in zip(pairs, means)])
         opt.last_gram, opt.last_weights = G, w
         opt._num_tasks = local.T
+        opt._unstepped = True
 
     def _warn_fallback(self) -> None:
         if self.backend not in _warned_fallback:

@@ -52,7 +52,9 @@ def aggregate(
     w = weights_of(G)
     if out is None:
         out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
-    return _backend.combine(w, J, out, backend=backend)
+    # A Gram rescued in fp64: rows (and so weights) beyond what fp32 can multiply, combined in fp64.
+    wide = G.dtype == torch.float64 and J.dtype != torch.float64
+    return _backend.combine(w, J, out, backend=backend, wide=wide)
 
 
 def pcgrad(
@@ -161,14 +163,23 @@ def mgda_weights(
 
 
 def check_finite_gram(G: torch.Tensor) -> None:
-    """Raise :class:`NonFiniteGradientError` naming the tasks whose Gram row holds NaN/Inf (host sync)."""
-    bad = ~torch.isfinite(G).all(dim=1)
-    if bool(bad.any()):
-        tasks = bad.nonzero().flatten().tolist()
-        raise NonFiniteGradientError(
-            f"non-finite gradient (NaN/Inf, or a squared norm that overflows {G.dtype}) for task(s) {tasks}",
-            tasks=tasks,
-        )
+    """Raise :class:`NonFiniteGradientError` naming the tasks whose gradients are non-finite (host sync).
+
+    A NaN/Inf in row ``t`` of ``J`` makes ``G[t, t]`` non-finite and, through it, the whole row and
+    column ``t``: the diagonal names exactly those tasks. A ``G`` that is non-finite only off the
+    diagonal (given directly, not computed from ``J``) names the tasks of its non-finite rows.
+    """
+    finite = torch.isfinite(G)
+    if bool(finite.all()):
+        return
+    bad = ~finite.diagonal()
+    if not bool(bad.any()):
+        bad = ~finite.all(dim=1)
+    tasks = bad.nonzero().flatten().tolist()
+    raise NonFiniteGradientError(
+        f"non-finite gradient (NaN/Inf, or a squared norm that overflows {G.dtype}) for task(s) {tasks}",
+        tasks=tasks,
+    )
 
 
 def _check_J(J: torch.Tensor) -> None:
@@ -180,6 +191,12 @@ def _check_J(J: torch.Tensor) -> None:
         raise ValueError("J has T = 0 rows: there must be at least one task")
     if not J.dtype.is_floating_point:
         raise ValueError(f"J must be floating point, got dtype {J.dtype}")
+    if J.is_meta:
+        raise ValueError("J is a meta tensor (shape only, no values): pass the task gradients themselves")
+    if J.requires_grad:
+        raise ValueError(
+            "J requires grad: the functional API is not differentiable; pass J.detach() (the task gradients as data)"
+        )
 
 
 def _check_G(G: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ combines, ``methods`` turns the Gram matrix into weights.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -15,11 +16,13 @@ import torch
 from . import backend as _backend
 from . import distributed as _distributed
 from .errors import NonFiniteGradientError
+from .grads import Written, accumulate_plain, grad_norms
 from .methods import cagrad as _cagrad
 from .methods import mgda as _mgda
 from .methods import pcgrad as _pcgrad
 from .methods._common import check_reduction, to_reduction
 from .methods._simplex import DEFAULT_ITERATIONS
+from .sharing import Sharing, classify
 from .taskgrads import ENGINES, SharedBuffer, reach, task_gradients
 
 Losses = Sequence[torch.Tensor] | torch.Tensor
@@ -29,12 +32,17 @@ SpecificGradients = list[tuple[torch.Tensor, list[torch.Tensor]]]  # a parameter
 
 @dataclass
 class PreparedGradients:
-    """Parameter mode, before anything is written: what the tasks' gradients are and where they go."""
+    """Parameter mode, before any ``.grad`` is written: what the tasks' gradients are and where they go."""
 
-    grads: list[list[torch.Tensor | None]]  # per task, per trainable parameter (None: not reached)
+    grads: list[list[torch.Tensor | None]]  # per task, per trainable parameter (None: not reached, or written early)
     shared: list[torch.Tensor]
     shared_rows: list[dict[int, torch.Tensor]]  # per task: id(shared parameter) → its gradient not yet written
     specific: SpecificGradients
+    specific_tasks: list[list[int]]  # beside ``specific``: the task of each gradient
+    buffer: SharedBuffer | None  # the shared parameters' buffer (None: nothing is shared)
+    rows_written: bool  # the buffer's rows already hold this call's gradients (those it knew of)
+    sharing: Sharing
+    reached_shared: set[int]  # id of each shared parameter some task reached on this call
 
 
 @dataclass
@@ -44,6 +52,10 @@ class FeatureGradients:
     encoder: list[torch.Tensor]  # the parameters upstream of the features
     rows: torch.Tensor  # (T, numel of features): ∂L_t/∂features
     specific: SpecificGradients  # the heads' plain gradients
+    specific_tasks: list[list[int]]  # beside ``specific``: the task of each gradient
+    features: torch.Tensor
+    losses: list[torch.Tensor]
+    bypass: bool  # some loss reaches an encoder parameter by a path around the features
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -110,7 +122,9 @@ class GradSurgery(torch.optim.Optimizer):
         check_reduction(reduction)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if storage_dtype is not None and (not isinstance(storage_dtype, torch.dtype) or not storage_dtype.is_floating_point):
+        if storage_dtype is not None and not isinstance(storage_dtype, torch.dtype):
+            raise TypeError(f"storage_dtype must be a torch.dtype (e.g. torch.bfloat16), got {storage_dtype!r}")
+        if storage_dtype is not None and not storage_dtype.is_floating_point:
             raise ValueError(f"storage_dtype must be a floating-point torch.dtype, got {storage_dtype!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -118,7 +132,9 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         _distributed.check_sync(sync)
         params = _all_params(optimizer)
+        _check_real(params)
         _backend.check_backend(backend, params[0].device if params else None)
+        _allow_repeated_compiled_backward()
         self.optimizer = optimizer
         self.reduction = reduction
         self.nonfinite = nonfinite
@@ -140,9 +156,18 @@ class GradSurgery(torch.optim.Optimizer):
         self._patch_step_function()
         self._explicit_shared = None if shared is None else _check_shared(shared, params)
         self._buffer: SharedBuffer | None = None
+        self._sharing: Sharing | None = None  # which parameters are shared, for the current T
+        # The accumulation since .grad was last cleared: its number of tasks (None: nothing
+        # accumulated), summed loss values, the shared parameters some task reached, and what the
+        # wrapper left in their .grad (a change by anyone else starts a new accumulation).
         self._pending_tasks: int | None = None
         self._pending_losses: torch.Tensor | None = None
+        self._window_reached: set[int] = set()
+        self._written: Written | None = None
         self._num_tasks: int | None = None  # T of the last backward, or of a loaded checkpoint
+        self._checkpoint_tasks: int | None = None  # T of a loaded checkpoint, until a backward agrees
+        self._unreached_checked: frozenset[int] = frozenset()
+        self._unstepped = False  # a backward() wrote gradients that no step() has used yet
         self.last_gram: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
 
@@ -178,6 +203,7 @@ class GradSurgery(torch.optim.Optimizer):
         With ``nonfinite="skip"``, a step whose gradients held NaN/Inf is skipped instead (the inner
         optimizer's state is untouched) and :attr:`skipped_steps` counts it.
         """
+        self._unstepped = False
         if self._skip_step:
             self._skip_step = False
             self.skipped_steps += 1
@@ -185,13 +211,30 @@ class GradSurgery(torch.optim.Optimizer):
         return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear every ``.grad`` (as the inner optimizer does) and the accumulated per-task gradients."""
+        """Clear every ``.grad`` (as the inner optimizer does) and the accumulated per-task gradients;
+        a step marked to be skipped (``nonfinite="skip"``) is no longer skipped.
+
+        Clearing through the model (``model.zero_grad()``) or anything else that changes the shared
+        ``.grad`` has the same effect on the next :meth:`backward`."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._pending_tasks = None
         self._pending_losses = None
+        self._skip_step = False
+        self._unstepped = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus a ``"gradsurgery"`` entry with the method's own state."""
+        """The inner optimizer's state dict plus a ``"gradsurgery"`` entry with the method's own state.
+
+        Take checkpoints between steps: per-task gradients accumulated by ``backward()`` calls that no
+        ``step()`` has used yet are not saved (a warning says so when there are any)."""
+        if self._unstepped:
+            warnings.warn(
+                "state_dict() while backward() calls are accumulated: the accumulated per-task gradients are not "
+                "saved, so a run resumed from this checkpoint does not continue bit-identically. Save after step() "
+                "and zero_grad().",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         state = self.optimizer.state_dict()
         state["gradsurgery"] = {
             "method": type(self).__name__,
@@ -214,6 +257,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
         if extra is not None:
             self._num_tasks = extra.get("num_tasks") or self._num_tasks
+            self._checkpoint_tasks = extra.get("num_tasks")
             self.skipped_steps = extra.get("skipped_steps", 0)
             self._load_method_state(extra)
 
@@ -241,66 +285,89 @@ class GradSurgery(torch.optim.Optimizer):
 
         ``features``: the shared representation every task head reads (representation mode): the
         weights come from the Gram matrix of ``∂L_t/∂features`` and one backward through the encoder
-        carries ``Σ_t w_t ∂L_t/∂features``; the heads get their own plain gradients.
+        carries ``Σ_t w_t ∂L_t/∂features``; the heads, and any path from a loss to an encoder
+        parameter that bypasses ``features``, get their plain gradients.
         """
         if self._dist is not None:
             return self._dist.backward(self, losses, features)
-        losses, params, loss_values = self._begin(losses, values=self.uses_loss_values)
-        T = len(losses)
+        accumulate = self._accumulating()
+        losses, params, loss_values = self._begin(losses, accumulate=accumulate, values=self.uses_loss_values)
         if features is not None:
             self._backward_features(losses, features, params, loss_values)
-            self._num_tasks = T
             return
-        accumulate = self._pending_tasks is not None
-        if self._buffer is None:
-            # First call: lay the buffer out from a walk of the autograd graph (no backward needed),
-            # so that the rows can be written early from the very first step.
-            shared = self._shared_params(params, reach(losses, params))
-            if shared:
-                self._ensure_buffer(shared, T)
-        # With a buffer laid out and nothing accumulated, each task's shared gradients go into its
-        # row as soon as they exist, so at most one task's full gradient is alive besides the buffer.
-        early = None if accumulate or self._buffer is None else self._buffer
-        on_task = None if early is None else lambda t, row: _write_row(early, t, params, row)
-        prepared = self._task_gradients(losses, params, on_task=on_task)
-        shared, shared_rows, specific = prepared.shared, prepared.shared_rows, prepared.specific
-        shared_ids = {id(p) for p in shared}
-        buffer = self._ensure_buffer(shared, T) if shared else None
-        if early is not None and buffer is not early and buffer is not None:
-            buffer.copy_rows_from(early)  # the layout grew: keep the rows already written
+        prepared = self._task_gradients(losses, params, accumulate=accumulate, write_early=True)
+        self._apply(prepared, loss_values, accumulate=accumulate)
 
+    def _apply(self, prepared: PreparedGradients, loss_values: torch.Tensor | None, *, accumulate: bool) -> None:
+        """Check the prepared gradients for NaN/Inf, then write every ``.grad`` and run the surgery."""
+        buffer = prepared.buffer
+        T = len(prepared.shared_rows)
         # Non-finite check before any .grad changes. A fresh buffer is checked through the diagonal of
         # its Gram matrix (free: the surgery needs it); accumulating, the incoming rows are checked
         # before they are added, so that a refused batch leaves the accumulated ones intact.
         G = None
         in_range = False
         if buffer is not None and not accumulate:
-            for t in range(T):  # what was not written early (everything, without a layout yet)
-                buffer.write(t, shared_rows[t], accumulate=False, zero_missing=early is None)
+            for t in range(T):  # what was not written early
+                buffer.write(t, prepared.shared_rows[t], accumulate=False, zero_missing=not prepared.rows_written)
             G = _backend.gram(buffer.matrix, backend=self.backend)
             if self.nonfinite != "propagate":
                 G, in_range = _backend.rescued(buffer.matrix, G)
         if self.nonfinite != "propagate":
-            specific_rows = [
-                [g for p, g in zip(params, row) if g is not None and id(p) not in shared_ids] for row in prepared.grads
-            ]
-            checked = [specific_rows[t] + (list(shared_rows[t].values()) if accumulate else []) for t in range(T)]
+            checked = _per_task(prepared.specific, prepared.specific_tasks, T)
+            if accumulate:
+                for t in range(T):
+                    checked[t] += prepared.shared_rows[t].values()
             # The rescue check read G's diagonal back already: when it was in range and nothing else
             # needs checking, a second host sync would find nothing.
-            if (not in_range or any(checked)) and self._refuse_nonfinite(_nonfinite_tasks(G, checked)):
+            if (not in_range or any(checked)) and self._refuse_nonfinite(_nonfinite_tasks(G, checked), T):
                 return
+        # From here on, .grad changes.
+        self._begin_writes(prepared, accumulate=accumulate)
         if buffer is not None and accumulate:
             for t in range(T):
-                buffer.write(t, shared_rows[t], accumulate=True)
-        _accumulate_plain(specific)
+                buffer.write(t, prepared.shared_rows[t], accumulate=True)
+        accumulate_plain(prepared.specific)
         if loss_values is not None:
             self._pending_losses = loss_values if self._pending_losses is None else self._pending_losses + loss_values
         self._pending_tasks = T
         self._num_tasks = T
+        self._checkpoint_tasks = None
+        self._unstepped = True
         if buffer is not None:
             self._surgery(buffer, G)
+        else:
+            self.last_gram = self.last_weights = None
+        self._written = None if buffer is None else Written.of(buffer.params)
 
-    def _refuse_nonfinite(self, bad: list[int]) -> bool:
+    def _begin_writes(self, prepared: PreparedGradients, *, accumulate: bool) -> None:
+        """Once the checks passed, before any ``.grad`` is written: the sharing is settled, and a new
+        accumulation starts on top of what the shared ``.grad`` hold."""
+        self._sharing = prepared.sharing
+        if not accumulate:
+            self._start_window()
+            if prepared.buffer is not None:
+                prepared.buffer.capture_bases()
+        self._window_reached |= prepared.reached_shared
+
+    def _accumulating(self) -> bool:
+        """Whether this ``backward`` adds to the previous ones: nothing cleared the gradients since
+        (``zero_grad()`` on the wrapper, the inner optimizer or the model, or any other change to
+        the shared ``.grad``: that starts a new accumulation on top of what ``.grad`` then holds)."""
+        if self._pending_tasks is None:
+            return False
+        if self._written is not None and not self._written.untouched():
+            self._pending_tasks = None
+            return False
+        return True
+
+    def _start_window(self) -> None:
+        """A new accumulation: nothing accumulated, nothing reached, no step to skip."""
+        self._pending_losses = None
+        self._window_reached = set()
+        self._skip_step = False
+
+    def _refuse_nonfinite(self, bad: list[int], num_tasks: int) -> bool:
         """Apply the non-finite policy to the tasks in ``bad``: raise, or mark the step skipped (True)."""
         if not bad:
             return False
@@ -310,16 +377,29 @@ class GradSurgery(torch.optim.Optimizer):
                 "no .grad, parameter or optimizer state was changed",
                 tasks=bad,
             )
+        if self._pending_tasks is None:  # the skipped batch opens an accumulation: the step stays skipped
+            self._start_window()
+            self._pending_tasks = num_tasks
         self._skip_step = True
         return True
 
     def _surgery(self, buffer: SharedBuffer, G: torch.Tensor | None = None) -> None:
+        """Weights from the Gram matrix of the buffer, then ``.grad`` of the shared parameters that
+        were reached ← their base (if any) + ``wᵀJ``."""
         if G is None:
             G = _backend.gram(buffer.matrix, backend=self.backend, rescue=self.nonfinite != "propagate")
         w = to_reduction(self.weights(G, self._pending_losses), self.reduction)
-        for columns, update in buffer.groups:
-            _backend.combine(w, buffer.matrix[:, columns], update, backend=self.backend, validate=False)
-        buffer.attach_grads()
+        bases = buffer.bases or [None] * len(buffer.groups)
+        # A Gram rescued in fp64 means rows whose magnitudes fp32 cannot multiply together: so are
+        # the weights, and the combine runs in fp64 too.
+        wide = G.dtype == torch.float64 and buffer.matrix.dtype != torch.float64
+        for (columns, update), base in zip(buffer.groups, bases):
+            if base is not None:
+                update.copy_(base)
+            _backend.combine(
+                w, buffer.matrix[:, columns], update, accumulate=base is not None, backend=self.backend, validate=False, wide=wide
+            )
+        buffer.attach_grads(frozenset(self._window_reached))
         self.last_gram, self.last_weights = G, w
 
     def _backward_features(
@@ -328,57 +408,228 @@ class GradSurgery(torch.optim.Optimizer):
         prepared = self._feature_gradients(losses, features, params)
         J = prepared.rows
         G = _backend.gram(J, backend=self.backend, rescue=self.nonfinite != "propagate")
-        if self.nonfinite != "propagate" and self._refuse_nonfinite(_nonfinite_tasks(G, [[] for _ in losses])):
-            return
+        if self.nonfinite != "propagate":
+            heads = _per_task(prepared.specific, prepared.specific_tasks, len(losses))
+            if self._refuse_nonfinite(_nonfinite_tasks(G, heads), len(losses)):
+                return
         w = to_reduction(self.weights(G, loss_values), self.reduction)
-        combined = _backend.combine(w, J, torch.empty(J.shape[1], dtype=J.dtype, device=J.device), backend=self.backend)
-        _accumulate_plain(prepared.specific)
-        features.backward(combined.view_as(features))
+        encoder_grads = self._through_features(prepared, w)
+        if self.nonfinite != "propagate" and prepared.bypass:
+            # Only the paths around the features are new here: a NaN there is every task's at once.
+            norms = grad_norms([g for g in encoder_grads if g is not None])
+            if not bool(norms.isfinite().all()) and self._refuse_nonfinite(list(range(len(losses))), len(losses)):
+                return
+        accumulate_plain([(p, [g]) for p, g in zip(prepared.encoder, encoder_grads) if g is not None] + prepared.specific)
         self.last_gram, self.last_weights = G, w
+        self._num_tasks = len(losses)
+        self._unstepped = True
+
+    def _through_features(self, prepared: FeatureGradients, w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The encoder's gradients: ``Σ_t w_t ∂L_t/∂features`` carried back through the encoder, plus
+        the plain gradient of every path from a loss to an encoder parameter that bypasses the
+        features (tied embeddings, skip connections around them)."""
+        J = prepared.rows
+        features, losses = prepared.features, prepared.losses
+        if not prepared.bypass:
+            combined = _backend.combine(w, J, torch.empty(J.shape[1], dtype=J.dtype, device=J.device), backend=self.backend)
+            return torch.autograd.grad(features, prepared.encoder, grad_outputs=combined.view_as(features), allow_unused=True)
+        # One backward of Σ_t L_t reaches every path; the features also receive Σ_t (w_t − 1)·∂L_t/∂z,
+        # so that in total they carry Σ_t w_t·∂L_t/∂z (exactly zero extra for Sum).
+        extra = _backend.combine(w - 1, J, torch.empty(J.shape[1], dtype=J.dtype, device=J.device), backend=self.backend)
+        ones = [torch.ones_like(loss) for loss in losses]
+        return torch.autograd.grad([*losses, features], prepared.encoder, grad_outputs=[*ones, extra.view_as(features)], allow_unused=True)
 
     def _begin(
-        self, losses: Losses, *, values: bool = True
+        self, losses: Losses, *, accumulate: bool = False, values: bool = True
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
         """Checks shared by every backward: the losses, the trainable parameters, the loss values
         (float64, unless ``values=False``)."""
         losses = _check_losses(losses)
         T = len(losses)
-        if self._pending_tasks is not None and T != self._pending_tasks:
-            raise ValueError(f"got {T} losses, but {self._pending_tasks} were accumulated since zero_grad()")
-        if self._buffer is None and self._num_tasks is not None and T != self._num_tasks:
-            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._num_tasks}")
+        if accumulate and T != self._pending_tasks:
+            raise ValueError(
+                f"got {T} losses, but {self._pending_tasks} were accumulated since the gradients were last cleared"
+            )
+        if self._checkpoint_tasks is not None and T != self._checkpoint_tasks:
+            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._checkpoint_tasks}")
         params = [p for p in _all_params(self.optimizer) if p.requires_grad]
         if not params:
             raise ValueError("the optimizer holds no parameter that requires grad")
+        _check_real(params)
         if not values:
             return losses, params, None
         return losses, params, torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64)
 
     def _task_gradients(
+        self, losses: list[torch.Tensor], params: list[torch.Tensor], *, accumulate: bool = False, write_early: bool = False
+    ) -> PreparedGradients:
+        """Per-task gradients, split into the shared rows and the task-specific ones; nothing is
+        written to ``.grad``. With ``write_early`` and nothing accumulated, each task's shared
+        gradients go into the buffer as soon as they exist, so at most one task's full gradient is
+        alive besides the buffer."""
+        T = len(losses)
+        ids = [id(p) for p in params]
+        relayout = self._sharing is None or self._sharing.num_tasks != T
+        # Which parameters several tasks reach is read off the values on the first step (see
+        # gradsurgery.sharing): the graph cannot tell a fused head from a shared trunk.
+        measure = relayout and self._explicit_shared is None and T > 1
+        early = None
+        if write_early and not accumulate:
+            if not relayout:
+                early = self._buffer
+            else:
+                layout = self._layout_before_backward(losses, params)
+                if layout:
+                    early = SharedBuffer(layout, T, storage_dtype=self.storage_dtype)
+        narrow = early is not None and early.matrix.dtype != torch.promote_types(early.matrix.dtype, _widest(early.params))
+        norms: list[tuple[list[int], torch.Tensor]] = []
+
+        def on_task(t: int, row: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            if measure:
+                present = [i for i, g in enumerate(row) if g is not None]
+                norms.append((present, grad_norms([row[i] for i in present])))  # type: ignore[misc]
+            return row if early is None else _write_row(early, t, params, row)
+
+        grads = task_gradients(
+            losses,
+            params,
+            engine=self._engine,
+            chunk_size=self.chunk_size,
+            on_task=on_task if (measure or early is not None) else None,
+            keep_graph=measure and narrow,
+        )
+        if self._engine == "auto" and grads.engine == "batched":
+            self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
+        structural = grads.reached
+        self._check_every_loss_reaches(structural)
+        self._check_untrained(losses, params, structural)
+        sharing = self._sharing_after(ids, structural, grads.grads, norms if measure else None, accumulate=accumulate)
+        reached = sharing.reached(ids, structural)
+        # The owners' other tasks contribute zeros, checked on this step, or unchecked (propagate):
+        # then they are summed like any task-specific gradient, so nothing is ever dropped.
+        specific_reach = reached if self.nonfinite != "propagate" else structural
+        shared = [p for p in params if id(p) in sharing.shared]
+        buffer = self._ensure_buffer(shared, T) if shared else None
+        rows_written = early is not None and buffer is not None
+        if rows_written and buffer is not early:
+            assert early is not None and buffer is not None
+            buffer.copy_rows_from(early)  # the layout changed: keep the rows already written
+        consumed = early.param_ids if early is not None else frozenset()
+        recomputed = self._rows_of_consumed(losses, params, grads.grads, specific_reach, sharing, early, narrow)
+        shared_ids = buffer.param_ids if buffer is not None else frozenset()
+        shared_rows = [
+            {id(p): g for p, g, hit in zip(params, row, hits) if g is not None and hit and id(p) in shared_ids}
+            for row, hits in zip(grads.grads, reached)
+        ]
+        specific: SpecificGradients = []
+        specific_tasks: list[list[int]] = []
+        for i, p in enumerate(params):
+            if id(p) in shared_ids:
+                continue
+            tasks = [t for t in range(T) if specific_reach[t][i]]
+            column = [recomputed.get((t, i)) if id(p) in consumed else grads.grads[t][i] for t in tasks]
+            kept = [(t, g) for t, g in zip(tasks, column) if g is not None]
+            if kept:
+                specific.append((p, [g for _, g in kept]))
+                specific_tasks.append([t for t, _ in kept])
+        reached_shared = {id(p) for i, p in enumerate(params) if id(p) in shared_ids and any(row[i] for row in reached)}
+        return PreparedGradients(
+            grads.grads, shared, shared_rows, specific, specific_tasks, buffer, rows_written, sharing, reached_shared
+        )
+
+    def _layout_before_backward(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The shared parameters as far as the graph tells, before any backward (a walk, no gradient):
+        what the rows are written into while the first step's gradients are computed."""
+        if self._explicit_shared is not None:
+            return [p for p in params if id(p) in self._explicit_shared]
+        counts = [sum(column) for column in zip(*reach(losses, params))]
+        return [p for p, n in zip(params, counts) if n > 1]
+
+    def _sharing_after(
+        self,
+        ids: list[int],
+        structural: list[list[bool]],
+        grads: list[list[torch.Tensor | None]],
+        norms: list[tuple[list[int], torch.Tensor]] | None,
+        *,
+        accumulate: bool,
+    ) -> Sharing:
+        """The shared set and the owners for this step: measured (first step), fixed (``shared=``),
+        or the last step's, grown by what became shared since."""
+        T = len(structural)
+        if self._explicit_shared is not None:
+            return Sharing(T, set(self._explicit_shared))
+        if norms is not None:
+            values = torch.cat([v for _, v in norms]).tolist() if norms else []  # one host sync, first step only
+            nonzero = [[False] * len(ids) for _ in range(T)]
+            position = 0
+            for t, (present, _) in enumerate(norms):
+                for i in present:
+                    nonzero[t][i] = values[position] != 0  # NaN and Inf count as non-zero
+                    position += 1
+            return Sharing(T, *classify(ids, structural, nonzero))
+        sharing = self._sharing if self._sharing is not None and self._sharing.num_tasks == T else Sharing(T)
+        reached = sharing.reached(ids, structural)
+        promoted = {pid for pid, column in zip(ids, zip(*reached)) if sum(column) > 1 and pid not in sharing.shared}
+        if sharing.owners and self.nonfinite != "propagate":
+            promoted |= _owned_but_shared(sharing, ids, grads)
+        if not promoted:
+            return sharing
+        if accumulate:
+            raise ValueError(
+                "a parameter became shared between accumulated backward() calls; pass shared= to fix the set"
+            )
+        owners = {pid: t for pid, t in sharing.owners.items() if pid not in promoted}
+        return Sharing(T, sharing.shared | promoted, owners)
+
+    def _rows_of_consumed(
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
-        *,
-        on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
-    ) -> PreparedGradients:
-        """Per-task gradients, checked, split into the shared rows and the task-specific ones."""
-        grads = task_gradients(losses, params, engine=self._engine, chunk_size=self.chunk_size, on_task=on_task)
-        if self._engine == "auto" and grads.engine == "batched":
-            self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
-        for t, row in enumerate(grads.reached):
+        grads: list[list[torch.Tensor | None]],
+        reach_of: list[list[bool]],
+        sharing: Sharing,
+        early: SharedBuffer | None,
+        narrow: bool,
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """The gradients of parameters that were written into the first step's buffer but turned out
+        task-specific (a fused head): read back from that buffer, or recomputed from the graph when
+        the buffer stores them at a lower precision than the parameter's."""
+        if early is None:
+            return {}
+        wanted = [(t, i) for i, p in enumerate(params) if id(p) in early.param_ids and id(p) not in sharing.shared
+                  for t in range(len(losses)) if reach_of[t][i]]
+        if not wanted:
+            return {}
+        if not narrow:
+            return {(t, i): early.row_views[t][early.index[id(params[i])]] for t, i in wanted}
+        out: dict[tuple[int, int], torch.Tensor] = {}
+        for t in sorted({t for t, _ in wanted}):
+            indices = [i for s, i in wanted if s == t]
+            exact = torch.autograd.grad(losses[t], [params[i] for i in indices], retain_graph=True, allow_unused=True)
+            out.update({(t, i): g for i, g in zip(indices, exact) if g is not None})
+        return out
+
+    def _check_every_loss_reaches(self, structural: list[list[bool]]) -> None:
+        for t, row in enumerate(structural):
             if not any(row):
                 raise ValueError(f"loss {t} reaches no parameter of the optimizer")
-        shared = self._shared_params(params, grads.reached)
-        shared_ids = {id(p) for p in shared}
-        specific = [
-            (p, [g for g in column if g is not None])
-            for p, column in zip(params, zip(*grads.grads))
-            if id(p) not in shared_ids
-        ]
-        shared_rows = [
-            {id(p): g for p, g in zip(params, row) if g is not None and id(p) in shared_ids} for row in grads.grads
-        ]
-        return PreparedGradients(grads.grads, shared, shared_rows, [(p, g) for p, g in specific if g])
+
+    def _check_untrained(self, losses: list[torch.Tensor], params: list[torch.Tensor], structural: list[list[bool]]) -> None:
+        """Refuse a graph whose parameters ``torch.autograd.grad`` cannot reach: a reentrant
+        ``torch.utils.checkpoint`` computes its gradients by a nested ``.backward()`` that only
+        ``loss.backward()`` runs, so the checkpointed parameters would silently never train. Looked
+        for only when some parameter is reached by no task, and once per such set."""
+        unreached = frozenset(id(p) for p, column in zip(params, zip(*structural)) if not any(column))
+        if not unreached or unreached == self._unreached_checked:
+            return
+        if _graph_holds(losses, "CheckpointFunctionBackward"):
+            raise ValueError(
+                "the losses' graph holds a torch.utils.checkpoint region with use_reentrant=True, whose "
+                "parameters only loss.backward() reaches: gradsurgery computes per-task gradients with "
+                "torch.autograd.grad, so they would never train. Use checkpoint(..., use_reentrant=False)."
+            )
+        self._unreached_checked = unreached
 
     def _feature_gradients(
         self, losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor]
@@ -399,25 +650,19 @@ class GradSurgery(torch.optim.Optimizer):
                 raise ValueError(f"loss {t} does not depend on features")
             rows.append(grads[0].reshape(-1))
             head_grads.append(list(grads[1:]))
-        specific = [(p, [g for g in column if g is not None]) for p, column in zip(heads, zip(*head_grads))]
-        return FeatureGradients(encoder, torch.stack(rows), [(p, g) for p, g in specific if g])
-
-    def _shared_params(self, params: list[torch.Tensor], reached: list[list[bool]]) -> list[torch.Tensor]:
-        if self._explicit_shared is not None:
-            return [p for p in params if id(p) in self._explicit_shared]
-        current = [] if self._buffer is None else self._buffer.params
-        current_ids = {id(p) for p in current}
-        counts = [sum(column) for column in zip(*reached)]
-        promoted = [p for p, n in zip(params, counts) if n > 1 and id(p) not in current_ids]
-        if promoted and self._pending_tasks is not None:
-            raise ValueError(
-                "a parameter became shared between accumulated backward() calls; pass shared= to fix the set"
-            )
-        return [p for p in params if id(p) in current_ids or any(p is q for q in promoted)]
+        specific: SpecificGradients = []
+        tasks: list[list[int]] = []
+        for p, column in zip(heads, zip(*head_grads)):
+            kept = [(t, g) for t, g in enumerate(column) if g is not None]
+            if kept:
+                specific.append((p, [g for _, g in kept]))
+                tasks.append([t for t, _ in kept])
+        bypass = features.grad_fn is not None and _reaches_around(losses, features, {id(p) for p in encoder})
+        return FeatureGradients(encoder, torch.stack(rows), specific, tasks, features, losses, bypass)
 
     def _ensure_buffer(self, shared: list[torch.Tensor], num_tasks: int) -> SharedBuffer:
         buffer = self._buffer
-        if buffer is None or buffer.num_tasks != num_tasks or {id(p) for p in buffer.params} != {id(p) for p in shared}:
+        if buffer is None or buffer.num_tasks != num_tasks or buffer.param_ids != frozenset(id(p) for p in shared):
             buffer = self._buffer = SharedBuffer(shared, num_tasks, storage_dtype=self.storage_dtype)
         return buffer
 
@@ -428,6 +673,11 @@ class GradSurgery(torch.optim.Optimizer):
 
         This reads tensors back to the host: call it when logging, not on every step of a fast loop.
         """
+        if self._num_tasks is not None and self.last_gram is None:
+            raise RuntimeError(
+                "the last backward() had no shared parameters (each parameter was reached by one task), so there "
+                "was no Gram matrix or weights to report"
+            )
         if self.last_gram is None or self.last_weights is None:
             raise RuntimeError("diagnostics() needs a backward() first")
         from .diagnostics import gram_diagnostics, to_floats
@@ -479,7 +729,9 @@ class PCGrad(GradSurgery):
         super().__init__(optimizer, **options)
         params = _all_params(optimizer)
         device = params[0].device if params else torch.device("cpu")
-        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
         if seed is None and self._dist is not None:
             self.seed = self._dist.broadcast_seed(self.seed)  # every rank must draw the same orders
         self.generator = torch.Generator(device=device)
@@ -601,18 +853,6 @@ def _check_losses(losses: Losses) -> list[torch.Tensor]:
     return items
 
 
-def _accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
-    """``p.grad += Σ grads`` (or ``=`` when ``None``), as ``loss.backward()`` would accumulate."""
-    for p, grads in pairs:
-        if not grads:
-            continue
-        total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
-        if p.grad is None:
-            p.grad = total.detach().clone() if len(grads) == 1 else total.detach()
-        else:
-            p.grad.add_(total)
-
-
 def _params_upstream_of(features: torch.Tensor) -> set[int]:
     """``id`` of every leaf tensor the autograd graph of ``features`` reaches."""
     found: set[int] = set()
@@ -648,9 +888,90 @@ def _nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]]) 
     device = G.device if G is not None else (tensors[0].device if tensors else torch.device("cpu"))
     bad = torch.zeros(T, dtype=torch.bool, device=device)
     if tensors:
-        owner = torch.tensor([t for t, row in enumerate(checked) for _ in row], device=device)
-        norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors)])
-        bad |= torch.zeros(T, device=device).index_add_(0, owner, (~norms.isfinite()).float()) > 0
+        norms = grad_norms(tensors).to(device)
+        sizes = [len(row) for row in checked]
+        per_task = torch.split(~norms.isfinite(), sizes)
+        bad |= torch.stack([flags.any() for flags in per_task])
     if G is not None:
         bad |= ~G.diagonal().isfinite()  # the diagonal: an off-diagonal NaN would blame both tasks
     return bad.nonzero().flatten().tolist()
+
+
+def _per_task(specific: SpecificGradients, tasks: list[list[int]], num_tasks: int) -> list[list[torch.Tensor]]:
+    """The task-specific gradients regrouped by task."""
+    out: list[list[torch.Tensor]] = [[] for _ in range(num_tasks)]
+    for (_, grads), owners in zip(specific, tasks):
+        for g, t in zip(grads, owners):
+            out[t].append(g)
+    return out
+
+
+def _owned_but_shared(sharing: Sharing, ids: list[int], grads: list[list[torch.Tensor | None]]) -> set[int]:
+    """The owned parameters that another task's gradient now reaches with a non-zero value (one host
+    sync, on steps where the graph leads every task to them: fused outputs)."""
+    suspects = [
+        (pid, g)
+        for i, pid in enumerate(ids)
+        if pid in sharing.owners
+        for t, row in enumerate(grads)
+        if t != sharing.owners[pid] and (g := row[i]) is not None
+    ]
+    if not suspects:
+        return set()
+    nonzero = (grad_norms([g for _, g in suspects]) != 0).tolist()
+    return {pid for (pid, _), hit in zip(suspects, nonzero) if hit}
+
+
+def _check_real(params: list[torch.Tensor]) -> None:
+    for index, p in enumerate(params):
+        if p.is_complex():
+            raise ValueError(
+                f"parameter {index} (shape {tuple(p.shape)}) is complex ({p.dtype}): the methods compare task "
+                "gradients by real inner products; view it as real (torch.view_as_real) to train it with gradsurgery"
+            )
+
+
+def _widest(params: list[torch.Tensor]) -> torch.dtype:
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _allow_repeated_compiled_backward() -> None:
+    """Turn off torch.compile's donated buffers, which let a compiled backward run only once per
+    forward: the wrappers run ``T`` backward passes through one graph. It only affects graphs compiled
+    from now on (their first backward compiles lazily); a backward compiled earlier for a single pass
+    is reported clearly by :func:`gradsurgery.taskgrads.task_gradients`."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+
+
+def _walk(roots: list[torch.Tensor], stop: object = None):
+    """Every autograd node reachable from ``roots``' graphs, each once, not descending below ``stop``."""
+    stack = [loss.grad_fn for loss in roots if loss.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if node is not stop:
+            stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
+def _graph_holds(losses: list[torch.Tensor], node_name: str) -> bool:
+    return any(type(node).__name__ == node_name for node in _walk(losses))
+
+
+def _reaches_around(losses: list[torch.Tensor], features: torch.Tensor, encoder: set[int]) -> bool:
+    """Whether a loss reaches an encoder parameter by a path that does not pass through ``features``."""
+    for node in _walk(losses, stop=features.grad_fn):
+        if node is features.grad_fn:
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in encoder:
+            return True
+    return False

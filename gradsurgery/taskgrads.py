@@ -7,11 +7,13 @@ each task's row of the buffer with one multi-tensor copy.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .grads import dense, grad_strides
 
 ENGINES = ("loop", "batched", "auto")
 
@@ -36,6 +38,7 @@ def task_gradients(
     engine: str = "loop",
     chunk_size: int | None = None,
     on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
+    keep_graph: bool = False,
 ) -> TaskGradients:
     """``∂L_t/∂inputs`` for every task, ``None`` where a task does not reach an input.
 
@@ -49,17 +52,22 @@ def task_gradients(
 
     ``on_task(t, row)`` receives each task's gradients as soon as they exist (the loop engine frees a
     task's gradients before the next backward if ``on_task`` consumed them) and returns what to keep;
-    ``reached`` always describes the full row.
+    ``reached`` always describes the full row. ``keep_graph`` keeps the graph alive after the last
+    task, for the caller to backpropagate through it again.
+
+    A ``torch.compile``d graph whose backward was compiled for a single pass (donated buffers) cannot
+    run ``T`` of them: that is refused with a ``ValueError`` before any gradient exists.
     """
-    if engine == "auto" and len(losses) > 1 and prefers_batched(losses[0].device):
-        try:
-            result = _batched(losses, inputs, chunk_size, keep_graph=True)
-        except BatchingUnsupportedError:
-            return _loop(losses, inputs, on_task)
-    elif engine == "batched":
-        result = _batched(losses, inputs, chunk_size)
-    else:
-        return _loop(losses, inputs, on_task)
+    with _explained_compiled_backward():
+        if engine == "auto" and len(losses) > 1 and prefers_batched(losses[0].device):
+            try:
+                result = _batched(losses, inputs, chunk_size, keep_graph=True)
+            except BatchingUnsupportedError:
+                return _loop(losses, inputs, on_task, keep_graph)
+        elif engine == "batched":
+            result = _batched(losses, inputs, chunk_size, keep_graph=keep_graph)
+        else:
+            return _loop(losses, inputs, on_task, keep_graph)
     if on_task is not None:
         result.grads = [on_task(t, row) for t, row in enumerate(result.grads)]
     return result
@@ -70,16 +78,32 @@ def prefers_batched(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@contextlib.contextmanager
+def _explained_compiled_backward() -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:
+        if "donated buffers" not in str(error):
+            raise
+        raise ValueError(
+            "this torch.compile'd model's backward was compiled for a single backward pass (donated buffers), "
+            "but gradsurgery runs one per task through the same graph. Construct the gradsurgery wrapper before the "
+            "compiled model's first backward (it sets torch._functorch.config.donated_buffer = False), or set that "
+            "yourself before compiling. No gradient was written."
+        ) from error
+
+
 def _loop(
     losses: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor],
     on_task: Callable[[int, list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
+    keep_graph: bool = False,
 ) -> TaskGradients:
     grads: list[list[torch.Tensor | None]] = []
     reached: list[list[bool]] = []
     last = len(losses) - 1
     for t, loss in enumerate(losses):
-        row = list(torch.autograd.grad(loss, inputs, retain_graph=t < last, allow_unused=True))
+        row = list(torch.autograd.grad(loss, inputs, retain_graph=keep_graph or t < last, allow_unused=True))
         reached.append([g is not None for g in row])
         grads.append(row if on_task is None else on_task(t, row))
     return TaskGradients(grads, reached, "loop")
@@ -146,8 +170,14 @@ class SharedBuffer:
 
     Columns are grouped by parameter dtype; each group has one flat update buffer whose views are the
     group's ``.grad`` tensors, so combining into it writes the gradients the inner optimizer reads
-    without an unflatten copy. The matrix is stored in ``storage_dtype`` (default: the widest
-    parameter dtype).
+    without an unflatten copy. Each parameter's columns are laid out in its own memory order (the
+    strides ``loss.backward()`` would give its ``.grad``), in the rows of the matrix and in the
+    update alike: the combine is elementwise over columns, and fused optimizers that read a
+    parameter's and its gradient's raw memory side by side see matching layouts. The matrix is
+    stored in ``storage_dtype`` (default: the widest parameter dtype).
+
+    ``bases`` (per group, or ``None``) holds what the ``.grad`` tensors held before the current
+    accumulation started, when anything: the update is then ``base + wᵀJ``.
     """
 
     def __init__(
@@ -156,6 +186,7 @@ class SharedBuffer:
         dtypes = list(dict.fromkeys(p.dtype for p in params))
         self.params = sorted(params, key=lambda p: dtypes.index(p.dtype))  # stable: groups in first-seen order
         self.param_ids = frozenset(id(p) for p in self.params)
+        self.index = {id(p): i for i, p in enumerate(self.params)}
         device = self.params[0].device
         if storage_dtype is None:
             storage_dtype = dtypes[0]
@@ -165,21 +196,29 @@ class SharedBuffer:
         self.matrix = torch.zeros(num_tasks, self.numel, dtype=storage_dtype, device=device)
         self.groups: list[tuple[slice, torch.Tensor]] = []  # (column range, flat update) per dtype
         self.grad_views: list[torch.Tensor] = []
+        self.bases: list[torch.Tensor] | None = None
         self._columns: list[slice] = []
+        self._members: list[list[int]] = []  # per group: indices into params
+        self._strides = [grad_strides(p) for p in self.params]
         start = 0
         for dtype in dtypes:
             members = [p for p in self.params if p.dtype == dtype]
             group_numel = sum(p.numel() for p in members)
             update = torch.zeros(group_numel, dtype=dtype, device=device)
             self.groups.append((slice(start, start + group_numel), update))
+            self._members.append(list(range(len(self.grad_views), len(self.grad_views) + len(members))))
             offset = 0
             for p in members:
                 self._columns.append(slice(start + offset, start + offset + p.numel()))
-                self.grad_views.append(update[offset : offset + p.numel()].view_as(p))
+                self.grad_views.append(update.as_strided(p.shape, self._strides[len(self.grad_views)], offset))
                 offset += p.numel()
             start += group_numel
-        self.row_views = [
-            [self.matrix[t, cols].view_as(p) for p, cols in zip(self.params, self._columns)] for t in range(num_tasks)
+        self.row_views = [self._views(self.matrix[t]) for t in range(num_tasks)]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's columns of the flat ``(P,)`` tensor, shaped and strided like its ``.grad``."""
+        return [
+            flat[cols].as_strided(p.shape, strides) for p, cols, strides in zip(self.params, self._columns, self._strides)
         ]
 
     @property
@@ -190,7 +229,7 @@ class SharedBuffer:
         """Row ``task`` ← (or +=) the given gradients, keyed by id(parameter); a missing one counts as
         zero (``zero_missing=False``: its entries are left as they are)."""
         views = self.row_views[task]
-        present = [(v, grads[id(p)]) for v, p in zip(views, self.params) if id(p) in grads]
+        present = [(v, dense(grads[id(p)])) for v, p in zip(views, self.params) if id(p) in grads]
         if not accumulate and zero_missing:
             absent = [v for v, p in zip(views, self.params) if id(p) not in grads]
             if absent:
@@ -204,14 +243,35 @@ class SharedBuffer:
 
     def copy_rows_from(self, other: SharedBuffer) -> None:
         """Copy every row of the parameters both buffers hold (same number of tasks)."""
-        position = {id(p): i for i, p in enumerate(other.params)}
         for t in range(min(self.num_tasks, other.num_tasks)):
-            pairs = [(view, other.row_views[t][position[id(p)]]) for view, p in zip(self.row_views[t], self.params) if id(p) in position]
+            pairs = [(view, other.row_views[t][other.index[id(p)]]) for view, p in zip(self.row_views[t], self.params) if id(p) in other.index]
             if pairs:
                 torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
 
-    def attach_grads(self) -> None:
-        """Make every shared parameter's ``.grad`` its view of the update (again, after ``set_to_none``)."""
+    def capture_bases(self) -> None:
+        """Remember the shared parameters' current ``.grad`` (``None`` counts as zero) as the term the
+        next updates are added to; no base at all when every ``.grad`` is ``None``."""
+        held = {i: p.grad for i, p in enumerate(self.params) if p.grad is not None}
+        if not held:
+            self.bases = None
+            return
+        if self.bases is None:
+            self.bases = [torch.zeros_like(update) for _, update in self.groups]
+        else:
+            torch._foreach_zero_(self.bases)
+        targets, sources = [], []
+        for (columns, _), base, members in zip(self.groups, self.bases, self._members):
+            for i in members:
+                if i in held:
+                    cols = self._columns[i]
+                    part = base[cols.start - columns.start : cols.stop - columns.start]
+                    targets.append(part.as_strided(self.params[i].shape, self._strides[i]))
+                    sources.append(dense(held[i]))
+        torch._foreach_copy_(targets, sources)
+
+    def attach_grads(self, reached: frozenset[int] | None = None) -> None:
+        """Make the shared parameters' ``.grad`` their view of the update (again, after ``set_to_none``);
+        with ``reached``, only those parameters (by id): one that no task reached keeps its ``.grad``."""
         for p, view in zip(self.params, self.grad_views):
-            if p.grad is not view:
+            if p.grad is not view and (reached is None or id(p) in reached):
                 p.grad = view

@@ -69,3 +69,53 @@ def test_wrapper_with_huge_and_tiny_fp32_gradients(name: str) -> None:
         opt = make(torch.optim.SGD([w], lr=0.0))
         opt.backward([((w - t) * scale).sum() * (1 + k) for k, t in enumerate(targets)])
         assert torch.isfinite(w.grad).all() and torch.isfinite(opt.last_weights).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scales", [(1e-20, 1e20), (1e-30, 1e30), (1.0, 1e25), (1e-25, 1e5), (1e-30, 1.0)])
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_whose_scales_differ_by_1e20_or_more(method: str, scales: tuple[float, float], seed: int) -> None:
+    """fp32 rows from 1e-30 to 1e30: the update is finite and equals the fp64 one to 1e-3 (per entry,
+    relative to the update's largest entry: entries that cancel to rounding have no relative digits)."""
+    J = make_J("conflicting", 3, 50, seed=seed)
+    J[0] *= scales[0]
+    J[1] *= scales[1]
+    reference = METHODS[method](J)
+    d = METHODS[method](J.float()).double()
+    assert torch.isfinite(d).all()
+    assert ((d - reference).abs().max() / reference.abs().max()).item() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["PCGrad", "CAGrad", "MGDA"])
+def test_wrapper_rows_whose_scales_differ_by_1e40(name: str) -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(40))
+    targets = torch.randn(3, 40)
+    make = {"PCGrad": lambda o: gs.PCGrad(o, seed=0), "CAGrad": gs.CAGrad, "MGDA": gs.MGDA}[name]
+    opt = make(torch.optim.SGD([w], lr=0.0))
+    losses = [((w - t) ** 2).sum() * s for t, s in zip(targets, (1e-20, 1e20, 1.0))]
+    J = torch.stack([torch.autograd.grad(loss, w, retain_graph=True)[0].double() for loss in losses])
+    opt.backward(losses)
+    weights = {
+        "PCGrad": lambda G: F.pcgrad_weights(G, generator=torch.Generator().manual_seed(0)),
+        "CAGrad": F.cagrad_weights,
+        "MGDA": F.mgda_weights,
+    }[name]
+    reference = weights(J @ J.T) @ J
+    assert torch.isfinite(w.grad).all()
+    assert ((w.grad.double() - reference).abs().max() / reference.abs().max()).item() < 1e-3
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_the_functional_error_names_exactly_the_nonfinite_task(row: int) -> None:
+    J = make_J("conflicting", 3, 20)
+    J[row, 5] = float("nan")
+    with pytest.raises(gs.NonFiniteGradientError) as error:
+        F.mgda(J)
+    assert error.value.tasks == [row]
+    G = make_J("conflicting", 3, 20)
+    G = G @ G.T
+    G[0, 2] = G[2, 0] = float("inf")  # a Gram given directly, non-finite off the diagonal only
+    with pytest.raises(gs.NonFiniteGradientError) as error:
+        F.mgda_weights(G)
+    assert error.value.tasks == [0, 2]

@@ -478,12 +478,66 @@ def test_duplicate_parameters_are_refused() -> None:
         lambda p: gs.PCGrad(torch.optim.SGD(p, lr=0.1), reduction="max"),
         lambda p: gs.Sum(torch.optim.SGD(p, lr=0.1), backend="cuda"),
         lambda p: gs.Sum(p),
+        lambda p: gs.PCGrad(torch.optim.SGD(p, lr=0.1), seed="a"),
+        lambda p: gs.PCGrad(torch.optim.SGD(p, lr=0.1), seed=2**70),
+        lambda p: gs.PCGrad(torch.optim.SGD(p, lr=0.1), seed=-1),
+        lambda p: gs.PCGrad(torch.optim.SGD(p, lr=0.1), seed=True),
     ],
-    ids=["negative-c", "rescale", "normalization", "reduction", "backend", "not-an-optimizer"],
+    ids=["negative-c", "rescale", "normalization", "reduction", "backend", "not-an-optimizer", "seed-str", "seed-huge", "seed-negative", "seed-bool"],
 )
 def test_bad_options_are_refused_at_construction(make) -> None:
     with pytest.raises((ValueError, TypeError)):
         make(list(_model().parameters()))
+
+
+def test_storage_dtype_that_is_not_a_dtype_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="storage_dtype must be a torch.dtype"):
+        gs.MGDA(torch.optim.SGD(_model().parameters(), lr=0.1), storage_dtype="bfloat16")
+
+
+def test_complex_parameters_are_refused_at_construction() -> None:
+    weight = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="parameter 0 .* is complex"):
+        gs.MGDA(torch.optim.SGD([weight], lr=0.1))
+
+
+def test_complex_parameter_added_later_is_refused_before_any_backward() -> None:
+    model = _model()
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    weight = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt.add_param_group({"params": [weight]})
+    x, y = _data()
+    calls = []
+    handle = model.trunk[0].weight.register_hook(lambda g: calls.append(1))
+    with pytest.raises(ValueError, match="is complex"):
+        opt.backward(model.losses(x, y))
+    handle.remove()
+    assert not calls  # refused before any backward pass ran
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_diagnostics_without_shared_parameters_says_so() -> None:
+    model = _model(tasks=1)
+    x, y = _data(tasks=1)
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="needs a backward"):
+        opt.diagnostics()
+    opt.backward(model.losses(x, y))
+    with pytest.raises(RuntimeError, match="no shared parameters"):
+        opt.diagnostics()
+
+
+@pytest.mark.parametrize(
+    "J, message",
+    [
+        (torch.empty(3, 4, device="meta"), "meta tensor"),
+        (torch.randn(3, 4, requires_grad=True), "requires grad"),
+    ],
+    ids=["meta", "requires-grad"],
+)
+def test_functional_api_says_what_is_wrong_with_J(J: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        F.mgda(J)
 
 
 # ---------------------------------------------------------------------- non-finite gradients

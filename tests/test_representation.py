@@ -87,3 +87,78 @@ def test_representation_mode_applies_the_nonfinite_policy() -> None:
     skipping.backward(losses, features=z)
     skipping.step()
     assert skipping.skipped_steps == 1 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class TiedEmbedding(nn.Module):
+    """Tied input/output embeddings: each head reads the embedding table directly as well as through
+    the features, and a skip connection carries the embedded input around the encoder."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 6)
+        self.encoder = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 6) for _ in range(tasks))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        e = self.embed(tokens)
+        z = self.encoder(e)
+        losses = []
+        for t, head in enumerate(self.heads):
+            logits = (head(z) + e) @ self.embed.weight.T  # skip connection + tied output embedding
+            losses.append(nn.functional.cross_entropy(logits, targets[:, t]))
+        return z, losses
+
+
+def _tied_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return torch.randint(0, 11, (9,), generator=gen), torch.randint(0, 11, (9, 3), generator=gen)
+
+
+def test_sum_with_paths_around_the_features_equals_summed_losses_backward() -> None:
+    tokens, targets = _tied_data()
+    model, reference = TiedEmbedding(), TiedEmbedding()
+    opt = gs.Sum(torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(tokens, targets)
+    opt.backward(losses, features=z)
+    sum(reference(tokens, targets)[1]).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_paths_around_the_features_get_their_plain_gradient(name: str) -> None:
+    tokens, targets = _tied_data()
+    model, reference = TiedEmbedding(), TiedEmbedding()
+    opt = WRAPPERS[name](torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(tokens, targets)
+    opt.backward(losses, features=z)
+
+    z, losses = reference(tokens, targets)
+    rows = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
+    w = REFERENCE_WEIGHTS[name](rows.double() @ rows.double().T).float()
+    encoder = [reference.embed.weight, *reference.encoder.parameters()]
+    through = torch.autograd.grad(z, encoder, grad_outputs=(w @ rows).view_as(z), retain_graph=True)
+    # The paths that bypass z: every loss's full gradient minus its part through z.
+    total = torch.autograd.grad(sum(losses), encoder, retain_graph=True)
+    via_z = torch.autograd.grad(z, encoder, grad_outputs=rows.sum(0).view_as(z), retain_graph=True)
+    expected = [a + (b - c) for a, b, c in zip(through, total, via_z)]
+    for p, g in zip([model.embed.weight, *model.encoder.parameters()], expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    for t, head in enumerate(model.heads):
+        plain = torch.autograd.grad(losses[t], list(reference.heads[t].parameters()), retain_graph=True)
+        for p, g in zip(head.parameters(), plain):
+            torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nan_only_in_a_head_is_raised() -> None:
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+    model = EncoderHeads()
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    z, losses = model(x, y)
+    losses[1] = losses[1] + model.heads[1](z.detach()).sum() * float("nan")  # reaches head 1, not z
+    with pytest.raises(gs.NonFiniteGradientError, match=r"\[1\]") as error:
+        opt.backward(losses, features=z)
+    assert error.value.tasks == [1]
+    assert all(p.grad is None for p in model.parameters())
