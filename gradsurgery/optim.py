@@ -134,7 +134,6 @@ class GradSurgery(torch.optim.Optimizer):
         params = _all_params(optimizer)
         _check_real(params)
         _backend.check_backend(backend, params[0].device if params else None)
-        _allow_repeated_compiled_backward()
         self.optimizer = optimizer
         self.reduction = reduction
         self.nonfinite = nonfinite
@@ -936,16 +935,6 @@ def _widest(params: list[torch.Tensor]) -> torch.dtype:
     for p in params[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
     return dtype
-
-
-def _allow_repeated_compiled_backward() -> None:
-    """Turn off torch.compile's donated buffers, which let a compiled backward run only once per
-    forward: the wrappers run ``T`` backward passes through one graph. It only affects graphs compiled
-    from now on (their first backward compiles lazily); a backward compiled earlier for a single pass
-    is reported clearly by :func:`gradsurgery.taskgrads.task_gradients`."""
-    import torch._functorch.config as functorch_config
-
-    functorch_config.donated_buffer = False
 
 
 def _walk(roots: list[torch.Tensor], stop: object = None):

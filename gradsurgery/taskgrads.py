@@ -86,10 +86,10 @@ def _explained_compiled_backward() -> Iterator[None]:
         if "donated buffers" not in str(error):
             raise
         raise ValueError(
-            "this torch.compile'd model's backward was compiled for a single backward pass (donated buffers), "
-            "but gradsurgery runs one per task through the same graph. Construct the gradsurgery wrapper before the "
-            "compiled model's first backward (it sets torch._functorch.config.donated_buffer = False), or set that "
-            "yourself before compiling. No gradient was written."
+            "this torch.compile'd model's backward was compiled for a single backward pass (donated buffers: a "
+            "plain loss.backward() ran through it first), but gradsurgery runs one per task through the same graph. "
+            "Set torch._functorch.config.donated_buffer = False before compiling, or let the wrapper run the "
+            "compiled model's first backward. No gradient was written."
         ) from error
 
 

@@ -1,0 +1,73 @@
+"""``torch.compile``d models: the compiled graph fuses heads and trunk into one node, so which
+parameters are shared is read off the first step's values (gradsurgery.sharing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradsurgery as gs
+
+from .plain import METHODS, assert_grads, expected_grads, weights_of, wrapper
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.trunk(x)
+        return torch.cat([head(z) for head in self.heads], dim=1)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> tuple[Model, nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Model()
+    return model, torch.compile(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(16, 5, generator=gen), torch.randn(16, 3, generator=gen)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_compiled_model_gets_the_eager_update(method: str, compiled) -> None:
+    model, fast, initial = compiled
+    model.load_state_dict(initial)
+    x, y = _data()
+    opt = wrapper(method, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        opt.zero_grad()
+        opt.backward(((fast(x) - y) ** 2).mean(0))
+        params = list(model.parameters())
+        eager = [((out - target) ** 2).mean() for out, target in zip(model(x).unbind(1), y.unbind(1))]
+        if method != "PCGrad" or _ == 0:  # PCGrad's generator moves on after the first step
+            assert_grads(params, expected_grads(params, eager, weights_of(method)), rtol=1e-4, atol=1e-6)
+        assert {id(p) for p in opt._buffer.params} == {id(p) for p in model.trunk.parameters()}
+        opt.step()
+    model.load_state_dict(initial)
+
+
+def test_a_backward_compiled_for_one_pass_is_refused_clearly() -> None:
+    x, y = _data()
+    donated = torch._functorch.config.donated_buffer
+    torch._functorch.config.donated_buffer = True
+    try:
+        torch.manual_seed(1)
+        other = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))  # a graph compiled nowhere else
+        other_fast = torch.compile(other)
+        ((other_fast(x) - y) ** 2).mean().backward()  # compiles the backward for a single pass
+        other.zero_grad()
+        opt = gs.MGDA(torch.optim.SGD(other.parameters(), lr=0.1))
+        with pytest.raises(ValueError, match="donated_buffer = False"):
+            opt.backward(((other_fast(x) - y) ** 2).mean(0))
+        assert all(p.grad is None for p in other.parameters())
+    finally:
+        torch._functorch.config.donated_buffer = donated
