@@ -50,16 +50,37 @@ def _gram_partials_kernel(
 
 
 @triton.jit(do_not_specialize=["T", "num_splits"])
-def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, ROWS: tl.constexpr):
-    # Second stage: G = Σ_s partials[s], in split order. Every (i, j) reads the upper-triangle entry
-    # (min, max), so G is exactly symmetric whatever rounding the first stage did.
-    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    j = tl.arange(0, BT)[None, :]
-    upper = tl.minimum(i, j) * BT + tl.maximum(i, j)
-    acc = tl.zeros((ROWS, BT), dtype=tl.float32)
-    for s in range(0, num_splits):
-        acc += tl.load(partials + s * BT * BT + upper)
+def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, BLOCK_E: tl.constexpr, SPLITS: tl.constexpr):
+    # Second stage: G = Σ_s partials[s]. Program p owns BLOCK_E entries of the flattened (BT, BT) tile and
+    # reads SPLITS partials per iteration as one (SPLITS, BLOCK_E) tile, so up to 4 × #SMs partials take
+    # ~33 dependent steps instead of one per partial. The order (blocks of SPLITS in split order, each
+    # summed by tl.sum's fixed tree) depends on nothing but num_splits: the same bits on every run.
+    # Every (i, j) reads the upper-triangle entry (min, max) and sums it the same way, so G is exactly
+    # symmetric whatever rounding the first stage did.
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    i = e // BT
+    j = e % BT
+    upper = (tl.minimum(i, j) * BT + tl.maximum(i, j))[None, :]
+    splits = tl.arange(0, SPLITS)[:, None]
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for first in range(0, num_splits, SPLITS):
+        s = first + splits
+        tile = tl.load(partials + s.to(tl.int64) * (BT * BT) + upper, mask=s < num_splits, other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(G + i * T + j, acc, mask=(i < T) & (j < T))
+
+
+def _without_unpipelined_stages(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drop the ``num_stages`` configs that cannot differ for 16-bit ``J``.
+
+    Triton 3.6 and 3.9 software-pipeline the fp32 tile loads (each stage adds a 16 KiB shared buffer) but
+    not the fp16/bf16 ones: compiled for sm_90, 3 and 4 stages give byte-identical binaries for every
+    tile width and warp count (``bench/gpu_resources.py``), which the autotuner would time twice.
+    """
+    if named_args["J"].element_size() >= 4:
+        return configs
+    fewest = min(config.num_stages for config in configs)
+    return [config for config in configs if config.num_stages == fewest]
 
 
 @functools.cache
@@ -68,7 +89,11 @@ def tuned_partials_kernel() -> triton.runtime.Autotuner:
 
     The column split and ``BLOCK_P`` stay with the launcher: they set the summation order, and letting the
     autotuner pick them would make the result's last bits depend on which config won in this process.
+    (Compiled with Triton 3.6 for sm_90, the fp32 tile at BT = 128 with 4 warps spills 352 bytes per
+    thread, none with 3.9 or with 8 warps; the autotuner times it like any other config.)
     """
     configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (3, 4)]
     # Keyed on the tile width (and, implicitly, J's dtype), not on T or P: a handful of tunings per process.
-    return triton.autotune(configs=configs, key=["BT"])(_gram_partials_kernel)
+    return triton.autotune(
+        configs=configs, key=["BT"], prune_configs_by={"early_config_prune": _without_unpipelined_stages}
+    )(_gram_partials_kernel)

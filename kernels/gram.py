@@ -21,8 +21,10 @@ _CHUNK_ELEMENTS = 1 << 19
 # Elements per block of the fp32/fp64 reference (4 MiB of fp32): measured best on the CPU from T = 2
 # (2^19 columns) to T = 32 (2^15); one (T × P)·(P × T) product is 2× slower at T = 8, P = 4M.
 _BLOCK_ELEMENTS = 1 << 20
-# Rows of G each second-stage program sums (tl.arange and tl.dot want powers of two ≥ 16).
-_REDUCE_ROWS = 16
+# Second stage: entries of the flattened (BT, BT) tile per program, and partial Grams read per step
+# (a (16, 256) fp32 tile: 32 registers per thread at 4 warps).
+_REDUCE_BLOCK = 256
+_REDUCE_SPLITS = 16
 # Stated, not left to Triton's default (which 3.10 flips): the default changing would change the bits.
 _FP_FUSION = True
 
@@ -117,8 +119,9 @@ def gram(J: torch.Tensor) -> torch.Tensor:
             UPCAST=kernels.INTERPRETED and J.dtype == torch.bfloat16,
             enable_fp_fusion=_FP_FUSION,
         )
-        kernels._gram_reduce_kernel[(plan.block_t // _REDUCE_ROWS,)](
-            partials, G, T, plan.num_splits, BT=plan.block_t, ROWS=_REDUCE_ROWS, enable_fp_fusion=_FP_FUSION
-        )
+        kernels._gram_reduce_kernel[(_cdiv(plan.block_t * plan.block_t, _REDUCE_BLOCK),)](
+            partials, G, T, plan.num_splits, BT=plan.block_t, BLOCK_E=_REDUCE_BLOCK, SPLITS=_REDUCE_SPLITS,
+            enable_fp_fusion=_FP_FUSION,
+        )  # fmt: skip
     return G
 

@@ -22,8 +22,11 @@ import torch
 from ._checks import check_triton_device
 
 # The whole (BT, BT) float64 problem lives in one program's registers: G and the Hessian with its
-# Cholesky factor, two 64×64 tiles of doubles at most. ptxas (sm_90) puts BT = 64 with 8 warps in
-# ≤ 255 registers per thread and ≤ 72 bytes of spill; BT = 128 would spill kilobytes per thread.
+# Cholesky factor, two 64×64 tiles of doubles at most. What ptxas makes of it depends on the Triton
+# release (sm_90, bench/gpu_resources.py): at BT = 64 (T = 33–64) with 8 warps, Triton 3.9 uses 250–255
+# registers per thread and spills ≤ 84 bytes (MGDA; CAGrad and PCGrad none), while Triton 3.6 — the
+# H200 image's — uses 255 and spills 320–600 bytes per thread in both simplex kernels. BT ≤ 32 spills
+# ≤ 24 bytes on either. BT = 128 would spill kilobytes per thread.
 SOLVE_MAX_TASKS = 64
 SOLVE_DTYPES = (torch.float32, torch.float64)
 # Separately rounded multiplies and adds, as the torch path computes them (no fused multiply-add).

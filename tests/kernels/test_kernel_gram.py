@@ -117,3 +117,15 @@ def test_gram_rejects_cpu_tensor_without_interpreter(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="J is on cpu, where Triton does not run"):
         gram(torch.ones(2, 8))
+
+
+@pytest.mark.parametrize(("dtype_name", "stages"), [("fp32", {3, 4}), ("bf16", {3}), ("fp16", {3})])
+def test_autotuner_times_one_pipeline_depth_for_16_bit_inputs(dtype_name: str, stages: set[int]) -> None:
+    # fp32 tiles are software-pipelined (more stages, more shared memory); 16-bit ones are not, and their
+    # 3- and 4-stage binaries are identical: only one of them is worth timing.
+    from gradsurgery.kernels._gram_triton import _without_unpipelined_stages, tuned_partials_kernel
+
+    configs = tuned_partials_kernel().configs
+    kept = _without_unpipelined_stages(configs, {"J": torch.ones(2, 8, dtype=DTYPES[dtype_name])})
+    assert {config.num_stages for config in kept} == stages
+    assert {config.num_warps for config in kept} == {config.num_warps for config in configs}
