@@ -8,10 +8,15 @@ where ``ĝ_t = g_t / n_t`` and the normaliser ``n_t`` is ``1`` (``"none"``), ``�
 ``L_t`` (``"loss"``) or ``L_t·‖g_t‖`` (``"loss+"``); a zero normaliser is replaced by 1 (its gradient is
 zero, so it cannot change the result). As in the official code, the normalised gradients only choose
 ``α``: the update combines the unnormalised gradients, ``d = Σ_t α*_t g_t``, returned on the sum scale
-(``w = T·α*``; ``reduction="mean"`` gives ``α*``).
+(``w = T·α*``; ``reduction="mean"`` gives ``α*``, the official code's scale). The official code applies
+``α`` as loss weights, so it also scales each task head's gradient by ``α_t``; the wrappers give heads
+their plain gradient.
 
 ``T = 2`` uses the closed form ``α_1 = (Ĝ_22 − Ĝ_12) / (Ĝ_11 + Ĝ_22 − 2Ĝ_12)`` clipped to ``[0, 1]``
-(½ when both gradients coincide); the official code clips to ``[0.001, 0.999]`` instead. Up to
+(½ when both gradients coincide); the official code returns the same closed form inside ``(0, 1)`` but
+0.999 or 0.001 in place of a vertex solution (and for equal or zero gradients). The official iterative
+solver for ``T > 2`` has no iteration bound (its ``MAX_ITER`` counter is never incremented) and stops
+when ``α`` moves less than 1e-5, which can be short of the minimum. Up to
 ``_supports.MAX_TASKS`` (10) tasks the min-norm point is found exactly, from the optimality systems of
 all faces of the simplex at once (KKT residual at rounding level). Larger ``T`` runs the fixed-budget
 interior-point solver of ``_simplex`` for ``max_iter = 48`` iterations, then solves exactly on the

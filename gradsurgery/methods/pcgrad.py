@@ -10,12 +10,19 @@ coefficient vector ``c_i`` (``c_i = e_i`` at the start); visiting ``j``, ``ip = 
 they advance together: ``T − 1`` rounds of ``O(T²)`` tensor work, in float64. ``T = 2`` has a single
 order (nothing is drawn from the generator) and the closed form ``w_i = 1 − G_01/G_ii`` on conflict.
 
+Differences from the official TensorFlow code: it visits every task in the fixed order 0…T−1, the
+task itself included (the result of its ``tf.random.shuffle`` is discarded), where the paper and this
+implementation draw a random order of the others; it projects the whole gradient of its ``var_list``,
+task heads included (here: only shared parameters are projected); and it divides by ``‖g_j‖²``
+unconditionally, so one all-zero task gradient makes its update NaN.
+
 Differences from the popular PyTorch port (``Pytorch-PCGrad`` and its copies): the port averages the
-shared entries (here: the sum, like ``sum(losses).backward()``, or ``reduction="mean"``); it shuffles all
-tasks including ``i`` itself, so a vector can be projected against its own original gradient; it
-projects the whole flattened vector, task heads included, so a task's head can receive a component of
-another task's head gradient (here: only shared parameters are projected); and it divides by
-``‖g_j‖²`` without guarding zero gradients.
+entries every task reaches and sums the rest (here: the sum, like ``sum(losses).backward()``, or
+``reduction="mean"``), and its ``reduction="sum"`` still averages; it shuffles all tasks including
+``i`` itself, so a vector can be projected against its own original gradient; it projects the whole
+flattened vector, task heads included, so a task's head can receive a component of another task's head
+gradient; and it divides by ``‖g_j‖²`` with no guard, so a conflicting ``g_j`` whose squared norm
+underflows in fp32 gives NaN (an exactly zero one fails its conflict test and is skipped).
 """
 
 from __future__ import annotations
