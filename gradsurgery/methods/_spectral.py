@@ -1,29 +1,28 @@
-"""What the closed-form methods (IMTL-G, Aligned-MTL, ConFIG) share: a finite, symmetric float64 copy of
-``G``, the cosine matrix of the task gradients, and the tolerance below which an eigenvalue is zero.
+"""What the closed-form methods (IMTL-G, Aligned-MTL, ConFIG) share: ``G`` in float64 with a flag for
+non-finite input, the cosine matrix of the task gradients, and the tolerance below which an eigenvalue
+is zero.
 
-Everything here is tensor work on G's device, with no value read back to the host. The eigenvalue
-decompositions themselves are ``torch.linalg.eigh`` calls in the methods: on the CPU nothing is read
-back, on CUDA ``eigh`` checks its LAPACK-style error code on the host, which waits for the device.
+Everything here is tensor work on G's device, with no value read back to the host and no Python scalar
+turned into a tensor. The eigenvalue decompositions themselves are ``torch.linalg.eigh`` calls in the
+methods: on the CPU nothing is read back, on CUDA ``eigh`` checks its LAPACK-style error code on the
+host, which waits for the device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import symmetric64
 
+def prepare(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G64, poison, zero)``: ``G`` in float64; ``poison``, a 0-d tensor that is 0 when ``G`` is finite
+    and NaN when it holds a NaN or an infinity (added to the weights, it makes them NaN as the contract
+    asks, without a branch); a 0-d zero for ``torch.where`` (a Python scalar there costs a conversion).
 
-def finite_symmetric64(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(symmetric64(G), finite)`` with a non-finite ``G`` replaced by zeros and ``finite`` the 0-d flag
-    that says it was not: ``eigh`` raises on NaN input, and the contract is NaN weights instead (the
-    caller applies them with :func:`nan_unless`)."""
-    G = symmetric64(G)
-    finite = G.isfinite().all()
-    return torch.where(finite, G, torch.zeros_like(G)), finite
-
-
-def nan_unless(finite: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.where(finite, w, torch.full_like(w, float("nan")))
+    ``G`` is not symmetrised: ``torch.linalg.eigh`` reads one triangle only, which is the same as
+    symmetrising with it, so a BLAS Gram that differs from its transpose by ulps is fine. Entries that
+    sum past the float64 range count as non-finite."""
+    G64 = G.detach().to(torch.float64)
+    return G64, G64.sum() * 0.0, G64.new_zeros(())
 
 
 def rank_tolerance(dtype: torch.dtype, size: int) -> float:
@@ -36,21 +35,16 @@ def rank_tolerance(dtype: torch.dtype, size: int) -> float:
     return size * torch.finfo(dtype).eps
 
 
-def unit_gram(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(C, norms, nonzero)`` for a symmetric float64 ``G``: ``C`` the Gram matrix of the unit gradients
-    ``u_t = g_t/‖g_t‖`` (the cosines; unit diagonal), with a zero row and column for a zero gradient;
-    ``norms`` the gradient norms divided by the largest (all-zero when every gradient is zero);
-    ``nonzero`` the float mask of non-zero gradients. ``G_tt = 0`` is exact for a zero gradient (a sum
-    of squares), so nothing smaller counts as zero."""
-    squared = G.diagonal().clamp_min(0)
-    nonzero = squared > 0
-    ones = torch.ones_like(squared)
-    safe = torch.where(nonzero, squared, ones).sqrt()
-    C = G / safe[:, None] / safe[None, :]
-    mask = nonzero.to(G.dtype)
-    # The diagonal is 1 up to rounding; make it exact (and 0 for a zero gradient).
-    C = torch.diagonal_scatter(C, mask)
-    norms = torch.where(nonzero, safe, torch.zeros_like(safe))
-    largest = norms.amax()
-    norms = norms / torch.where(largest > 0, largest, torch.ones_like(largest))
-    return C, norms, mask
+def unit_gram(G: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, inverse_norms, nonzero)`` for a float64 Gram matrix ``G``: ``C`` the Gram matrix of the unit
+    gradients ``u_t = g_t/‖g_t‖`` (the cosines), with a zero row and column for a zero gradient, and
+    zeros in place of non-finite entries (a non-finite ``G`` has a NaN ``poison``: ``eigh`` may raise on
+    NaN input); ``inverse_norms`` ``1/‖g_t‖``, 0 for a zero gradient; ``nonzero`` the 0/1 float mask of
+    the non-zero gradients. ``G_tt = 0`` is exact for a zero gradient (a sum of squares), so nothing
+    smaller counts as zero. No rescaling is needed: ``C`` is scale-free and the methods use the norms
+    only in ratios."""
+    squared = G.diagonal()
+    nonzero = torch.heaviside(squared, zero)
+    inverse_norms = squared.rsqrt().nan_to_num(0.0, 0.0, 0.0)  # 1/√0 = ∞ → 0
+    C = (G * torch.outer(inverse_norms, inverse_norms)).nan_to_num(0.0, 0.0, 0.0)
+    return C, inverse_norms, nonzero

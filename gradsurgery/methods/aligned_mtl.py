@@ -1,9 +1,9 @@
 """Aligned-MTL: independent component alignment (Senushkin et al., CVPR 2023, Algorithm 1).
 
-Aligned-MTL replaces the gradient matrix by the closest matrix whose condition number is 1: with the
-singular value decomposition ``J = U Σ Vᵀ`` (rows of ``J`` the task gradients) of rank ``r``, the aligned
-gradients are the rows of ``Ĵ = s·U_r V_rᵀ``, orthogonal and of equal norm ``s``, and the update is their
-sum. In Gram space, ``G = J Jᵀ = U Λ Uᵀ`` with ``Λ = Σ²``, so ``Ĵ = B J`` for the balance transformation ::
+Aligned-MTL replaces the gradient matrix by an aligned one of condition number 1: with the singular
+value decomposition ``J = U Σ Vᵀ`` (rows of ``J`` the task gradients) of rank ``r``, the aligned gradients
+are the rows of ``Ĵ = s·U_r V_rᵀ`` (the orthogonal Procrustes solution, rescaled), orthogonal and of
+equal norm ``s``, and the update is their sum. In Gram space, ``G = J Jᵀ = U Λ Uᵀ`` with ``Λ = Σ²``, so ``Ĵ = B J`` for the balance transformation ::
 
     B = s · U_r Λ_r^{-1/2} U_rᵀ,    w = B·1,    d = wᵀJ = Σ_t ĝ_t
 
@@ -24,7 +24,7 @@ official code (which takes ``ε`` of the default dtype, float32) and TorchJD; th
 out of ``B``. A zero gradient is such a direction on its own: it gets weight 0 and the other tasks are
 aligned as if it were absent. When every gradient is zero (rank 0), ``B = I`` (as in TorchJD; the
 official code fails there): ``w = 1``, ``d = 0``. LibMTL's ``Aligned_MTL`` has only the ``"min"`` scale
-and fails at rank 0, like the official code.
+and fails at rank 0, like the official code. A ``G`` holding a NaN or an infinity gives NaN weights.
 
 The decomposition is one ``torch.linalg.eigh`` of ``G`` (``T × T``, float64): on CUDA ``eigh`` checks
 its error code on the host, a synchronisation; nothing else reads a value back (the official code and
@@ -33,10 +33,12 @@ TorchJD count the rank and index with it on the host).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import finite_symmetric64, nan_unless, rank_tolerance
+from ._spectral import prepare, rank_tolerance
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -59,47 +61,41 @@ def aligned_mtl_weights(G: torch.Tensor, *, scale_mode: str = "min", reduction: 
     check_gram(G)
     check_aligned_mtl_options(scale_mode)
     check_reduction(reduction)
-    U, factors, rank, present, finite = _spectrum(G, scale_mode)
+    U, factors, present, poison = _spectrum(G, scale_mode)
     w = U @ (factors * U.sum(dim=0)) * present  # B·1 = U diag(f) Uᵀ1
-    w = torch.where(rank > 0, w, torch.ones_like(w))  # every gradient zero: B = I
-    return to_reduction(nan_unless(finite, w), reduction)
+    return to_reduction(torch.where(present.any(), w, 1.0) + poison, reduction)  # rank 0: B = I
 
 
 def balance_transformation(G: torch.Tensor, *, scale_mode: str = "min") -> torch.Tensor:
     """``B`` (float64, ``T × T``, on G's device): the aligned gradients are the rows of ``B J``."""
     check_gram(G)
     check_aligned_mtl_options(scale_mode)
-    U, factors, rank, present, finite = _spectrum(G, scale_mode)
-    B = (U * factors) @ U.mT * present[:, None] * present[None, :]
-    B = torch.where(rank > 0, B, torch.eye(B.shape[0], dtype=B.dtype, device=B.device))
-    return nan_unless(finite, B)
+    U, factors, present, poison = _spectrum(G, scale_mode)
+    B = (U * factors) @ U.mT * torch.outer(present, present)
+    return torch.where(present.any(), B, torch.eye(B.shape[0], dtype=B.dtype, device=B.device)) + poison
 
 
 def _spectrum(G: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, ...]:
-    """``(U, f, rank, present, finite)`` with ``B = U diag(f) Uᵀ``: ``f = s/sqrt(λ)`` on the kept
-    eigenvalues, 0 elsewhere; ``present`` masks the non-zero gradients (a zero gradient's row and column
-    of ``B`` are 0, exactly rather than to the rounding of the other eigenvectors)."""
+    """``(U, f, present, poison)`` with ``B = U diag(f) Uᵀ``: ``f = s/sqrt(λ)`` on the kept eigenvalues,
+    0 elsewhere (NaN when none is kept); ``present`` masks the non-zero gradients (a zero gradient's row
+    and column of ``B`` are set to 0 exactly, rather than to the rounding of the other eigenvectors)."""
     T = G.shape[0]
-    G64, finite = finite_symmetric64(G)
-    present = (G64.diagonal() > 0).to(G64.dtype)
-    largest = G64.diagonal().amax()
-    G64 = G64 / torch.where(largest > 0, largest, torch.ones_like(largest))  # B is scale-invariant
-    lam, U = torch.linalg.eigh(G64)  # ascending: the kept eigenvalues are the last ``rank``
-    kept = lam > rank_tolerance(G.dtype, T) * lam.amax()
-    rank = kept.sum()
-    squared_scale = _squared_scale(lam, kept, rank, scale_mode)
-    safe = torch.where(kept, lam, torch.ones_like(lam))
-    factors = torch.where(kept, (squared_scale / safe).sqrt(), torch.zeros_like(lam))
-    return U, factors, rank, present, finite
+    G64, poison, zero = prepare(G)  # B is invariant to G's scale: no need to normalise it
+    present = torch.heaviside(G64.diagonal(), zero)
+    lam, U = torch.linalg.eigh(G64.nan_to_num(0.0, 0.0, 0.0))  # ascending: the kept eigenvalues last
+    kept_lam = torch.where(lam > lam[-1] * rank_tolerance(G.dtype, T), lam, math.inf)  # s²/∞ = 0 for the others
+    factors = (_squared_scale(lam, kept_lam, scale_mode) / kept_lam).sqrt()
+    return U, factors, present, poison
 
 
-def _squared_scale(lam: torch.Tensor, kept: torch.Tensor, rank: torch.Tensor, scale_mode: str) -> torch.Tensor:
+def _squared_scale(lam: torch.Tensor, kept_lam: torch.Tensor, scale_mode: str) -> torch.Tensor:
     """``s²`` from the kept eigenvalues, the last ``rank`` entries of the ascending ``lam``."""
-    T = lam.shape[0]
-    first = (T - rank).clamp(max=T - 1).reshape(1)  # index of the smallest kept eigenvalue
     if scale_mode == "min":
-        return lam.gather(0, first).squeeze(0)
+        return kept_lam.amin()
+    kept = kept_lam < math.inf
+    rank = kept.sum()
     if scale_mode == "median":
-        # torch.median of the kept values: the ((rank − 1) // 2)-th smallest.
-        return lam.gather(0, first + (rank.reshape(1) - 1).clamp_min(0) // 2).squeeze(0)
+        # torch.median of the kept values: the ((rank − 1) // 2)-th smallest, at T − rank + that.
+        index = (lam.shape[0] - rank + (rank - 1).clamp_min(0) // 2).clamp(max=lam.shape[0] - 1)
+        return lam.gather(0, index.reshape(1)).squeeze(0)
     return (lam * kept).sum() / rank.clamp_min(1)

@@ -15,12 +15,14 @@ For linearly independent gradients ``Ûx = 1``: every ``g_tᵀd`` is positive an
 angle with every gradient (the paper's conflict-free guarantee). For linearly dependent ones ``Ûx`` is
 the projection of ``1`` onto ``C``'s range, and a gradient can conflict with ``d``. The scale is
 intrinsic (identical gradients give ``d = Σ_t g_t``, naive summation): it is kept as the sum scale;
-``reduction="mean"`` divides by ``T``. The weights are invariant to a positive rescaling of ``G``.
+``reduction="mean"`` divides by ``T``. The weights are invariant to a positive rescaling of ``G``, so
+the update is positively homogeneous. For ``T = 2``, ``1`` is an eigenvector of ``C`` and
+``w_j = τ/n_j`` (``τ`` the mean norm for ``"projection"``), used directly.
 
 ``length`` chooses the official code's length model: ``"projection"`` (default, the paper's
 ``ProjectionLength``) or one of its ``Track*`` models, which rescale every gradient to a common norm
-``τ`` before projecting, ``d = τ·(Σ_t u_tᵀx̂)·x̂``, with ``τ`` the ``"min"``, ``"max"``, ``"arithmetic_mean"``,
-``"harmonic_mean"`` or ``"geometric_mean"`` of the gradient norms (``TrackMinimum``, ``TrackMaximum``,
+``τ`` before projecting, ``d = τ·(Σ_t u_tᵀx̂)·x̂``, with ``τ`` the ``"min"``, ``"max"``,
+``"arithmetic_mean"``, ``"harmonic_mean"`` or ``"geometric_mean"`` of the gradient norms (``TrackMinimum``, ``TrackMaximum``,
 ``TrackArithmeticAverage``, ``TrackHarmonicAverage``, ``TrackGeometricAverage``). ``TrackSpecific``
 (one chosen task's norm) and the direction-weight models (a right-hand side other than ``1``; only
 equal weights ship) are not offered.
@@ -29,30 +31,29 @@ equal weights ship) are not offered.
 of G's dtype; the directions whose singular value in ``Û`` is below ``sqrt(T·ε)``, which a Gram matrix
 cannot resolve). A zero gradient has a zero unit vector, as in the official code (``nan_to_num``): it
 does not steer ``x``, adds nothing to the length and is left out of the ``Track*`` norms; its weight is
-0. When ``1`` has no component in ``C``'s range beyond ``√ε·‖1‖`` (an antiparallel pair, an even number
-of alternating collinear gradients) there is no direction with positive projections: ``d = 0``, as in
-exact arithmetic (the official code would normalise a rounding-level vector there).
+0 (the paper's ``U(g) = g/(‖g‖ + ε)`` serves the same purpose). When ``1`` has no component in ``C``'s
+range beyond ``√ε·‖1‖`` (an antiparallel pair, an even number of alternating collinear gradients) there
+is no direction with positive projections: ``d = 0``, as in exact arithmetic (the official code would
+normalise a rounding-level vector there). A ``G`` holding a NaN or an infinity gives NaN weights.
 
 Differences from the official code (``conflictfree.ConFIG_update``, ``ConFIGOperator``): it solves
 ``Ûx = 1`` with ``torch.linalg.lstsq`` (or ``pinv``) on the ``T × P`` matrix, the same ``x``; for
 ``T = 2`` ``ConFIGOperator`` uses an equivalent form without the pseudo-inverse
-(``allow_simplified_model=True``) that gives ``d = 0`` for parallel gradients (here: ``g_1 + g_2``, the
-limit of nearly parallel ones) and NaN for a zero gradient; its ``Track*`` models give NaN for a zero
-gradient. TorchJD's ``ConFIG`` (an aggregator on ``J``, not on ``G``) is the general formula with
+(``allow_simplified_model=True``), undefined for parallel gradients (0/0: NaN, or a direction made of
+rounding errors; here ``g_1 + g_2``, the limit of nearly parallel ones) and NaN for a zero gradient;
+its ``Track*`` models give NaN for a zero gradient. TorchJD's ``ConFIG`` (an aggregator on ``J``, not on ``G``) is the general formula with
 ``pinv``; its ``pref_vector`` is the direction-weight vector.
 
-The decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA ``eigh`` checks
-its error code on the host, a synchronisation; nothing else reads a value back.
+For ``T ≥ 3`` the decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA
+``eigh`` checks its error code on the host, a synchronisation; nothing else reads a value back.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import finite_symmetric64, nan_unless, rank_tolerance, unit_gram
+from ._spectral import prepare, rank_tolerance, unit_gram
 
 LENGTHS = ("projection", "min", "max", "arithmetic_mean", "harmonic_mean", "geometric_mean")
 
@@ -77,38 +78,57 @@ def config_weights(G: torch.Tensor, *, length: str = "projection", reduction: st
     check_reduction(reduction)
     T = G.shape[0]
     eps = torch.finfo(G.dtype).eps
-    G64, finite = finite_symmetric64(G)
-    C, norms, mask = unit_gram(G64)
-    lam, Q = torch.linalg.eigh(C)
-    kept = lam > rank_tolerance(G.dtype, T) * lam.amax()
-    b = Q.mT @ mask  # 1 (over the non-zero gradients) in the eigenbasis
-    in_range = torch.where(kept, b, torch.zeros_like(b))
-    a = Q @ (in_range / torch.where(kept, lam, torch.ones_like(lam)))  # C⁺1
-    squared = (in_range * in_range / torch.where(kept, lam, torch.ones_like(lam))).sum()  # aᵀCa = ‖x‖²
-    projected = Q @ in_range  # C a: each unit gradient's projection onto x
+    G64, poison, zero = prepare(G)
+    C, inverse_norms, mask = unit_gram(G64, zero)
+    norms = G64.diagonal().sqrt()
+    if T == 2:
+        return to_reduction(_two_tasks(C, norms, inverse_norms, mask, length, eps, zero) + poison, reduction)
+    lam, Q = torch.linalg.eigh(C)  # ascending
+    kept = lam > lam[-1] * rank_tolerance(G.dtype, T)
+    in_range = Q.mT @ mask * kept  # the part of 1 (over the non-zero gradients) in C's range, eigenbasis
+    coefficients = torch.where(kept, in_range / lam, zero)
+    a = Q @ coefficients  # C⁺1
+    squared = in_range @ coefficients  # aᵀCa = ‖x‖²
+    projections = Q @ in_range  # Ca: each unit gradient's projection onto x
     if length == "projection":
-        total = norms @ projected
+        total = norms @ projections
     else:
-        total = _tracked_norm(norms, mask, length) * projected.sum()
-    has_direction = in_range.norm() > math.sqrt(eps) * mask.sum().sqrt()
-    scale = total / torch.where(has_direction, squared, torch.ones_like(squared))
-    w = torch.where(has_direction, scale, torch.zeros_like(scale)) * a / torch.where(mask > 0, norms, torch.ones_like(norms))
-    return to_reduction(nan_unless(finite, w * mask), reduction)
+        total = _tracked_norm(norms, inverse_norms, mask, length, zero) * projections.sum()
+    has_direction = in_range @ in_range > mask.sum() * eps
+    scale = torch.where(has_direction, total / squared, zero)
+    return to_reduction(scale * a * inverse_norms + poison, reduction)
 
 
-def _tracked_norm(norms: torch.Tensor, mask: torch.Tensor, length: str) -> torch.Tensor:
+def _two_tasks(
+    C: torch.Tensor,
+    norms: torch.Tensor,
+    inverse_norms: torch.Tensor,
+    mask: torch.Tensor,
+    length: str,
+    eps: float,
+    zero: torch.Tensor,
+) -> torch.Tensor:
+    # C = [[1, ρ], [ρ, 1]] has the eigenvectors (1, ±1)/√2, and 1 is the one of eigenvalue 1 + ρ: so
+    # a = 1/(1 + ρ), d = τ·(u₁ + u₂)/(1 + ρ)·(1 + ρ)/… = Σ_j (τ/n_j) g_j with τ the mean norm for
+    # "projection". d = 0 when 1 + ρ is zero to the rank tolerance (antiparallel gradients). One
+    # non-zero gradient: w = 1 on it (its own C is [[1, 0], [0, 0]]).
+    rho = C[0, 1]
+    aligned = 1 + rho > 2 * eps * (1 + rho.abs())
+    tau = norms.mean() if length == "projection" else _tracked_norm(norms, inverse_norms, mask, length, zero)
+    return torch.where(mask.prod() > zero, torch.where(aligned, tau * inverse_norms, zero), mask)
+
+
+def _tracked_norm(norms: torch.Tensor, inverse_norms: torch.Tensor, mask: torch.Tensor, length: str, zero: torch.Tensor) -> torch.Tensor:
     """The common norm ``τ`` of the ``Track*`` length models, over the non-zero gradients (0 if none)."""
-    present = mask > 0
-    safe = torch.where(present, norms, torch.ones_like(norms))  # the norms are ≤ 1: divided by the largest
-    count = mask.sum().clamp_min(1)
+    count = mask.sum()
     if length == "min":
-        value = safe.amin()
+        value = (norms + (1 - mask) * norms.amax()).amin()  # a zero gradient's norm lifted to the largest
     elif length == "max":
         value = norms.amax()
     elif length == "arithmetic_mean":
         value = norms.sum() / count
     elif length == "harmonic_mean":
-        value = count / (mask / safe).sum().clamp_min(1)  # the largest norm, 1, contributes 1 when present
+        value = count / inverse_norms.sum()
     else:
-        value = ((mask * safe.log()).sum() / count).exp()
-    return torch.where(present.any(), value, torch.zeros_like(value))
+        value = ((norms + 1 - mask).log().sum() / count).exp()  # log 1 = 0 for a zero gradient
+    return torch.where(count > zero, value, zero)

@@ -12,9 +12,11 @@ projections are ``N⁻¹Gα``, so the condition is ``Gα = c·n`` for some scala
 
     α = N⁻¹C⁻¹1 / (1ᵀN⁻¹C⁻¹1)
 
-which is the paper's closed form, computed without favouring task 1. The weights are put on the sum
-scale (``w = T·α``; ``reduction="mean"`` gives ``α``). They are invariant to a positive rescaling of
-``G``, so the update is positively homogeneous.
+which is the paper's closed form, computed without singling out task 1. For ``T = 2`` it is
+``α = (n_2, n_1)/(n_1 + n_2)`` whatever the angle, used directly. The weights are put on the sum scale
+(``w = T·α``; ``reduction="mean"`` gives ``α``). They are invariant to a positive rescaling of ``G``, so
+the update is positively homogeneous. (The paper applies IMTL-G to the gradients with respect to the
+shared representation, which is this library's representation mode.)
 
 **Linearly dependent gradients** (``C`` singular: parallel or antiparallel gradients, more tasks than
 independent directions), where ``DUᵀ`` may be singular and the paper's formula undefined, take the
@@ -26,36 +28,34 @@ projections, and the solution the paper's formula gives whenever ``DUᵀ`` is in
 antiparallel pair gives ``d = 0``; parallel gradients, which every ``α`` satisfies, give
 ``α_t ∝ 1/n_t`` (the limit of two nearly parallel gradients). An eigenvalue of ``C`` is zero at or
 below ``T·ε·λ_max`` (``ε`` of G's dtype), and ``P₀1`` is negligible below ``√ε·‖1‖``. When no finite
-``α`` exists (``1ᵀN⁻¹β = 0`` up to rounding) the weights are 0.
+``α`` exists (``|Σ_t α_t| ≤ T·ε·Σ_t |α_t|`` before normalising) the weights are 0: ``d = 0``.
 
 **Zero gradients.** A task whose gradient is zero has no unit gradient and takes no part in the
 condition: the other tasks are solved as if it were absent (their ``α`` sums to 1) and their weights
 are put on the sum scale of those ``T'`` tasks, ``w = T'·α``; the zero task gets the weight 1, which
 does not change ``d`` and keeps ``Σ_t w_t = T``. With one non-zero gradient left this is naive
-summation; with none, ``w = 1`` and ``d = 0``.
+summation; with none, ``w = 1`` and ``d = 0``. A ``G`` holding a NaN or an infinity gives NaN weights.
 
-Differences from other implementations: the official code was not released. LibMTL's ``IMTL`` is
+Differences from other implementations (we found no official code release). LibMTL's ``IMTL`` is
 IMTL-G combined with IMTL-L (learned loss scales), uses the ``D, U`` formula with ``torch.inverse``
 (an error for singular ``DUᵀ``) and returns NaN for a zero gradient (``g/‖g‖``). TorchJD's ``IMTLG``
 uses ``α ∝ G⁺n`` (weights summing to 1, the mean scale here): the same for linearly independent
-gradients, but for dependent ones it returns a non-zero ``d`` whose projections are not equal (it
-minimises ``‖Gα − n‖`` instead; e.g. an antiparallel pair of unequal norms gives a non-zero ``d``),
-and a zero gradient gets weight 0 while the others still sum to 1. The ConFIG repository's
-``IMTLGOperator`` uses the ``D, U`` formula with a pseudo-inverse and zero unit vectors for zero
-gradients.
+gradients, but for dependent ones it is the least-squares solution of ``Gα = n``, whose projections
+need not be equal (an antiparallel pair of norms 1 and 2 gets ``α = (−1, 2)``, ``d = −5u_1``, which
+conflicts with task 1; here ``d = 0``), parallel gradients get ``α_t ∝ n_t`` (here ``1/n_t``), and a
+zero gradient gets weight 0 while the others still sum to 1. The ConFIG repository's ``IMTLGOperator``
+uses the ``D, U`` formula with a pseudo-inverse and zero unit vectors for zero gradients.
 
-The decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA ``eigh``
-checks its error code on the host, a synchronisation; nothing else reads a value back.
+For ``T ≥ 3`` the decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA
+``eigh`` checks its error code on the host, a synchronisation; nothing else reads a value back.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import finite_symmetric64, nan_unless, rank_tolerance, unit_gram
+from ._spectral import prepare, rank_tolerance, unit_gram
 
 BIBTEX = """@inproceedings{liu2021towards,
   title     = {Towards Impartial Multi-task Learning},
@@ -72,20 +72,28 @@ def imtl_g_weights(G: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
     check_reduction(reduction)
     T = G.shape[0]
     eps = torch.finfo(G.dtype).eps
-    G64, finite = finite_symmetric64(G)
-    C, norms, mask = unit_gram(G64)
-    lam, Q = torch.linalg.eigh(C)
-    null = lam <= rank_tolerance(G.dtype, T) * lam.amax()
+    G64, poison, zero = prepare(G)
+    if T == 2:
+        return to_reduction(_two_tasks(G64, zero) + poison, reduction)
+    C, inverse_norms, mask = unit_gram(G64, zero)
+    lam, Q = torch.linalg.eigh(C)  # ascending
+    null = lam <= lam[-1] * rank_tolerance(G.dtype, T)
     b = Q.mT @ mask  # 1 (over the non-zero gradients) in the eigenbasis
-    null_part = Q @ torch.where(null, b, torch.zeros_like(b))
-    range_part = Q @ torch.where(null, torch.zeros_like(b), b / torch.where(null, torch.ones_like(lam), lam))
+    null_b = b * null
     count = mask.sum()
-    use_null = null_part.norm() > math.sqrt(eps) * count.sqrt()
-    beta = torch.where(use_null, null_part, range_part) * mask
-    alpha = beta / torch.where(mask > 0, norms, torch.ones_like(norms))
-    total = alpha.sum()
-    # Σα = 0 up to the rounding of its terms: no finite α satisfies the condition.
-    solvable = total.abs() > T * eps * alpha.abs().sum()
-    alpha = torch.where(solvable, alpha / torch.where(solvable, total, torch.ones_like(total)), torch.zeros_like(alpha))
-    w = count * alpha + (1 - mask)
-    return to_reduction(nan_unless(finite, w), reduction)
+    # P₀1 when its norm exceeds √ε·‖1‖, else C⁺1 (Q is orthogonal: ‖P₀1‖ = ‖null_b‖).
+    use_null = null_b @ null_b > count * eps
+    beta = Q @ torch.where(use_null, null_b, torch.where(null, zero, b / lam))
+    alpha = beta * inverse_norms
+    alpha = alpha / alpha.sum()
+    # Σα = 0 up to the rounding of its terms (or NaN from 0/0): no finite α satisfies the condition.
+    solvable = alpha.abs().sum() < 1 / (T * eps)
+    return to_reduction(torch.where(solvable, alpha * count, zero) + (1 - mask) + poison, reduction)
+
+
+def _two_tasks(G: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    # Two non-zero gradients: α = (n₂, n₁)/(n₁ + n₂) whatever their angle (C⁻¹1 ∝ 1 for a 2 × 2 cosine
+    # matrix, and P₀1 ∝ 1 or 0 when it is singular), so w = 2α. One or none: w = 1.
+    norms = G.diagonal().sqrt()
+    w = 2 * norms.flip(0) / norms.sum()
+    return torch.where(norms.prod() > zero, w, 1.0)

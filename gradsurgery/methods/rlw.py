@@ -3,10 +3,10 @@
 At every step RLW draws ``z ~ N(0, I_T)`` and weights the tasks with ``λ = softmax(z)``, positive weights
 summing to 1: the paper's default distribution and normalisation, and what LibMTL (the authors'
 library) and TorchJD's ``Random`` do. The weights are put on the sum scale, ``w = T·softmax(z)``
-(``E[w_t]`` is the same for every task, and ``reduction="mean"`` gives ``λ``). They do not depend on the
+(``E[w_t] = 1``, naive summation's weight, for every task; ``reduction="mean"`` gives ``λ``). They do not depend on the
 gradients: ``G`` only supplies ``T`` and the device, and its values are never read (a NaN ``G`` still
 gives finite weights, as for naive summation; ``d = wᵀJ`` carries the NaN). Weighting the losses by
-``λ`` and back-propagating once gives the same update; here it goes through the same Gram → weights →
+``w`` and back-propagating once gives the same update; here it goes through the same Gram → weights →
 combine pipeline as the other methods.
 
 ``z`` is drawn in float64 from ``generator`` (torch's default generator for the device when ``None``) on
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_gram, check_reduction, to_reduction
+from ._common import check_gram, check_reduction
 
 BIBTEX = """@article{lin2022reasonable,
   title   = {Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning},
@@ -38,5 +38,8 @@ def rlw_weights(G: torch.Tensor, *, generator: torch.Generator | None = None, re
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     T = G.shape[0]
     source = generator.device if generator is not None else G.device
-    z = torch.randn(T, generator=generator, dtype=torch.float64, device=source).to(G.device)
-    return to_reduction(torch.softmax(z, dim=0) * T, reduction)
+    z = torch.randn(T, generator=generator, dtype=torch.float64, device=source)
+    if source != G.device:
+        z = z.to(G.device)
+    weights = torch.softmax(z, dim=0)
+    return weights.mul_(float(T)) if reduction == "sum" else weights
