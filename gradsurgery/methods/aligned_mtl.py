@@ -1,9 +1,10 @@
 """Aligned-MTL: independent component alignment (Senushkin et al., CVPR 2023, Algorithm 1).
 
-Aligned-MTL replaces the gradient matrix by an aligned one of condition number 1: with the singular
-value decomposition ``J = U Σ Vᵀ`` (rows of ``J`` the task gradients) of rank ``r``, the aligned gradients
-are the rows of ``Ĵ = s·U_r V_rᵀ`` (the orthogonal Procrustes solution, rescaled), orthogonal and of
-equal norm ``s``, and the update is their sum. In Gram space, ``G = J Jᵀ = U Λ Uᵀ`` with ``Λ = Σ²``, so ``Ĵ = B J`` for the balance transformation ::
+Aligned-MTL replaces the gradient matrix by an aligned one of condition number 1: with the singular value
+decomposition ``J = U Σ Vᵀ`` (rows of ``J`` the task gradients) of rank ``r``, the aligned gradients are the
+rows of ``Ĵ = s·U_r V_rᵀ`` (the orthogonal Procrustes solution, rescaled), orthogonal and of equal norm ``s``,
+and the update is their sum. In Gram space, ``G = J Jᵀ = U Λ Uᵀ`` with ``Λ = Σ²``, so ``Ĵ = B J`` for the
+balance transformation ::
 
     B = s · U_r Λ_r^{-1/2} U_rᵀ,    w = B·1,    d = wᵀJ = Σ_t ĝ_t
 

@@ -20,12 +20,12 @@ the update is positively homogeneous. For ``T = 2``, ``1`` is an eigenvector of 
 ``w_j = τ/n_j`` (``τ`` the mean norm for ``"projection"``), used directly.
 
 ``length`` chooses the official code's length model: ``"projection"`` (default, the paper's
-``ProjectionLength``) or one of its ``Track*`` models, which rescale every gradient to a common norm
-``τ`` before projecting, ``d = τ·(Σ_t u_tᵀx̂)·x̂``, with ``τ`` the ``"min"``, ``"max"``,
-``"arithmetic_mean"``, ``"harmonic_mean"`` or ``"geometric_mean"`` of the gradient norms (``TrackMinimum``, ``TrackMaximum``,
-``TrackArithmeticAverage``, ``TrackHarmonicAverage``, ``TrackGeometricAverage``). ``TrackSpecific``
-(one chosen task's norm) and the direction-weight models (a right-hand side other than ``1``; only
-equal weights ship) are not offered.
+``ProjectionLength``) or one of its ``Track*`` models, which rescale every gradient to a common norm ``τ``
+before projecting, ``d = τ·(Σ_t u_tᵀx̂)·x̂``, with ``τ`` the ``"min"``, ``"max"``, ``"arithmetic_mean"``,
+``"harmonic_mean"`` or ``"geometric_mean"`` of the gradient norms (``TrackMinimum``, ``TrackMaximum``,
+``TrackArithmeticAverage``, ``TrackHarmonicAverage``, ``TrackGeometricAverage``). ``TrackSpecific`` (one
+chosen task's norm) and the direction-weight models (a right-hand side other than ``1``; only equal weights
+ship) are not offered.
 
 **Degenerate cases.** The pseudo-inverse drops the eigenvalues of ``C`` at or below ``T·ε·λ_max`` (``ε``
 of G's dtype; the directions whose singular value in ``Û`` is below ``sqrt(T·ε)``, which a Gram matrix
@@ -36,13 +36,13 @@ range beyond ``√ε·‖1‖`` (an antiparallel pair, an even number of alterna
 is no direction with positive projections: ``d = 0``, as in exact arithmetic (the official code would
 normalise a rounding-level vector there). A ``G`` holding a NaN or an infinity gives NaN weights.
 
-Differences from the official code (``conflictfree.ConFIG_update``, ``ConFIGOperator``): it solves
-``Ûx = 1`` with ``torch.linalg.lstsq`` (or ``pinv``) on the ``T × P`` matrix, the same ``x``; for
-``T = 2`` ``ConFIGOperator`` uses an equivalent form without the pseudo-inverse
-(``allow_simplified_model=True``), undefined for parallel gradients (0/0: NaN, or a direction made of
-rounding errors; here ``g_1 + g_2``, the limit of nearly parallel ones) and NaN for a zero gradient;
-its ``Track*`` models give NaN for a zero gradient. TorchJD's ``ConFIG`` (an aggregator on ``J``, not on ``G``) is the general formula with
-``pinv``; its ``pref_vector`` is the direction-weight vector.
+Differences from the official code (``conflictfree.ConFIG_update``, ``ConFIGOperator``): it solves ``Ûx = 1``
+with ``torch.linalg.lstsq`` (or ``pinv``) on the ``T × P`` matrix, the same ``x``; for ``T = 2``
+``ConFIGOperator`` uses an equivalent form without the pseudo-inverse (``allow_simplified_model=True``),
+undefined for parallel gradients (0/0: NaN, or a direction made of rounding errors; here ``g_1 + g_2``, the
+limit of nearly parallel ones) and NaN for a zero gradient; its ``Track*`` models give NaN for a zero
+gradient. TorchJD's ``ConFIG`` (an aggregator on ``J``, not on ``G``) is the general formula with ``pinv``;
+its ``pref_vector`` is the direction-weight vector.
 
 For ``T ≥ 3`` the decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA
 ``eigh`` checks its error code on the host, a synchronisation; nothing else reads a value back.
@@ -108,17 +108,19 @@ def _two_tasks(
     eps: float,
     zero: torch.Tensor,
 ) -> torch.Tensor:
-    # C = [[1, ρ], [ρ, 1]] has the eigenvectors (1, ±1)/√2, and 1 is the one of eigenvalue 1 + ρ: so
-    # a = 1/(1 + ρ), d = τ·(u₁ + u₂)/(1 + ρ)·(1 + ρ)/… = Σ_j (τ/n_j) g_j with τ the mean norm for
-    # "projection". d = 0 when 1 + ρ is zero to the rank tolerance (antiparallel gradients). One
-    # non-zero gradient: w = 1 on it (its own C is [[1, 0], [0, 0]]).
+    # C = [[1, ρ], [ρ, 1]] has the eigenvectors (1, ±1)/√2 and 1 is the one of eigenvalue 1 + ρ: a = 1/(1 + ρ),
+    # Ca = 1 and aᵀCa = 2/(1 + ρ), so w_j = τ·(1ᵀCa/aᵀCa)·a_j/n_j = τ/n_j, with τ the mean norm for
+    # "projection" (nᵀCa = n₁ + n₂). d = 0 when 1 + ρ is zero to the rank tolerance (antiparallel
+    # gradients). One non-zero gradient: w = 1 on it (its C is [[1, 0], [0, 0]]).
     rho = C[0, 1]
     aligned = 1 + rho > 2 * eps * (1 + rho.abs())
     tau = norms.mean() if length == "projection" else _tracked_norm(norms, inverse_norms, mask, length, zero)
     return torch.where(mask.prod() > zero, torch.where(aligned, tau * inverse_norms, zero), mask)
 
 
-def _tracked_norm(norms: torch.Tensor, inverse_norms: torch.Tensor, mask: torch.Tensor, length: str, zero: torch.Tensor) -> torch.Tensor:
+def _tracked_norm(
+    norms: torch.Tensor, inverse_norms: torch.Tensor, mask: torch.Tensor, length: str, zero: torch.Tensor
+) -> torch.Tensor:
     """The common norm ``τ`` of the ``Track*`` length models, over the non-zero gradients (0 if none)."""
     count = mask.sum()
     if length == "min":

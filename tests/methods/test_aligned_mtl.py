@@ -83,7 +83,8 @@ def test_aligned_gradients_are_orthogonal_with_equal_norms() -> None:
     aligned = balance_transformation(J @ J.T) @ J
     s = torch.linalg.svdvals(J)[-1]
     gram = aligned @ aligned.T
-    assert torch.allclose(gram, s**2 * torch.eye(5, dtype=torch.float64), rtol=0, atol=64 * 5 * EPS * _gram_condition(J) * float(s) ** 2)
+    tol = 64 * 5 * EPS * _gram_condition(J) * float(s) ** 2
+    assert torch.allclose(gram, s**2 * torch.eye(5, dtype=torch.float64), rtol=0, atol=tol)
 
 
 def test_aligned_mtl_repeated_singular_values_do_not_depend_on_the_eigenbasis() -> None:
@@ -114,7 +115,8 @@ def test_aligned_mtl_zero_gradients() -> None:
     assert torch.equal(w[[1, 3]], torch.zeros(2, dtype=torch.float64))
     _close(w[[0, 2, 4]], aligned_mtl_weights(J[[0, 2, 4]] @ J[[0, 2, 4]].T).numpy(), 1e-12)
     for scale_mode in SCALE_MODES:  # rank 0: B = I
-        assert torch.equal(aligned_mtl_weights(torch.zeros(3, 3), scale_mode=scale_mode), torch.ones(3, dtype=torch.float64))
+        w = aligned_mtl_weights(torch.zeros(3, 3), scale_mode=scale_mode)
+        assert torch.equal(w, torch.ones(3, dtype=torch.float64))
 
 
 @given(kind=st.sampled_from(KINDS), T=st.integers(1, 8), seed=st.integers(0, 1000), log_scale=st.floats(-20, 20))
@@ -127,7 +129,9 @@ def test_aligned_mtl_weights_are_invariant_to_the_scale_of_g(kind: str, T: int, 
     assert (scaled - w).abs().max() <= 64 * T * EPS * _gram_condition(J) * max(1.0, float(w.abs().max()))
 
 
-@given(kind=st.sampled_from(KINDS), T=st.integers(2, 8), seed=st.integers(0, 1000), scale_mode=st.sampled_from(SCALE_MODES))
+@given(
+    kind=st.sampled_from(KINDS), T=st.integers(2, 8), seed=st.integers(0, 1000), scale_mode=st.sampled_from(SCALE_MODES)
+)
 def test_aligned_mtl_weights_follow_a_permutation_of_the_tasks(kind: str, T: int, seed: int, scale_mode: str) -> None:
     J = make_J(kind, T, 13, seed=seed)
     order = torch.randperm(T, generator=torch.Generator().manual_seed(seed))

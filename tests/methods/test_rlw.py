@@ -73,7 +73,8 @@ def test_rlw_draws_are_standard_normal_logits() -> None:
 
 
 def test_rlw_single_task_is_one() -> None:
-    assert torch.equal(rlw_weights(torch.ones(1, 1), generator=torch.Generator().manual_seed(0)), torch.ones(1, dtype=torch.float64))
+    w = rlw_weights(torch.ones(1, 1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(w, torch.ones(1, dtype=torch.float64))
 
 
 def test_rlw_bad_options_raise() -> None:
