@@ -2,8 +2,8 @@
 non-finite input, the cosine matrix of the task gradients, and the tolerance below which an eigenvalue
 is zero.
 
-Everything here is tensor work on G's device, with no value read back to the host and no Python scalar
-turned into a tensor. The eigenvalue decompositions themselves are ``torch.linalg.eigh`` calls in the
+Everything here is tensor work on G's device, with no value read back to the host and no tensor built
+from host data. The eigenvalue decompositions themselves are ``torch.linalg.eigh`` calls in the
 methods: on the CPU nothing is read back, on CUDA ``eigh`` checks its LAPACK-style error code on the
 host, which waits for the device.
 """
