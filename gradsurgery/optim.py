@@ -308,7 +308,8 @@ class GradSurgery(torch.optim.Optimizer):
         in_range = False
         if buffer is not None and not accumulate:
             for t in range(T):  # what was not written early
-                buffer.write(t, prepared.shared_rows[t], accumulate=False, zero_missing=not prepared.rows_written)
+                if prepared.shared_rows[t] or not prepared.rows_written:
+                    buffer.write(t, prepared.shared_rows[t], accumulate=False, zero_missing=not prepared.rows_written)
             G = _backend.gram(buffer.matrix, backend=self.backend)
             if self.nonfinite != "propagate":
                 G, in_range = _backend.rescued(buffer.matrix, G)
@@ -480,7 +481,9 @@ class GradSurgery(torch.optim.Optimizer):
                 layout = self._layout_before_backward(losses, params)
                 if layout:
                     early = SharedBuffer(layout, T, storage_dtype=self.storage_dtype)
-        narrow = early is not None and early.matrix.dtype != torch.promote_types(early.matrix.dtype, _widest(early.params))
+        # A first-step buffer narrower than its parameters cannot give back a fused head's exact
+        # gradient: the graph is kept to recompute it.
+        narrow = measure and early is not None and early.matrix.dtype != torch.promote_types(early.matrix.dtype, _widest(early.params))
         norms: list[tuple[list[int], torch.Tensor]] = []
 
         def on_task(t: int, row: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -495,7 +498,7 @@ class GradSurgery(torch.optim.Optimizer):
             engine=self._engine,
             chunk_size=self.chunk_size,
             on_task=on_task if (measure or early is not None) else None,
-            keep_graph=measure and narrow,
+            keep_graph=narrow,
         )
         if self._engine == "auto" and grads.engine == "batched":
             self._engine = "batched"  # vmap handles this graph: stop keeping it alive for a fallback
@@ -507,34 +510,46 @@ class GradSurgery(torch.optim.Optimizer):
         # The owners' other tasks contribute zeros, checked on this step, or unchecked (propagate):
         # then they are summed like any task-specific gradient, so nothing is ever dropped.
         specific_reach = reached if self.nonfinite != "propagate" else structural
-        shared = [p for p in params if id(p) in sharing.shared]
-        buffer = self._ensure_buffer(shared, T) if shared else None
+        buffer = self._buffer_for(sharing, params, T)
         rows_written = early is not None and buffer is not None
-        if rows_written and buffer is not early:
-            assert early is not None and buffer is not None
-            buffer.copy_rows_from(early)  # the layout changed: keep the rows already written
+        recomputed: dict[tuple[int, int], torch.Tensor] = {}
+        if early is not None and early is not buffer:  # the first step's layout was not the final one
+            if buffer is not None:
+                buffer.copy_rows_from(early)
+            recomputed = self._rows_of_consumed(losses, params, specific_reach, sharing, early, narrow)
         consumed = early.param_ids if early is not None else frozenset()
-        recomputed = self._rows_of_consumed(losses, params, grads.grads, specific_reach, sharing, early, narrow)
         shared_ids = buffer.param_ids if buffer is not None else frozenset()
         shared_rows = [
-            {id(p): g for p, g, hit in zip(params, row, hits) if g is not None and hit and id(p) in shared_ids}
+            {pid: g for pid, g, hit in zip(ids, row, hits) if hit and g is not None and pid in shared_ids}
             for row, hits in zip(grads.grads, reached)
         ]
         specific: SpecificGradients = []
         specific_tasks: list[list[int]] = []
-        for i, p in enumerate(params):
-            if id(p) in shared_ids:
+        reached_shared: set[int] = set()
+        for i, (pid, column) in enumerate(zip(ids, zip(*specific_reach))):
+            if pid in shared_ids:
+                if any(column):
+                    reached_shared.add(pid)
                 continue
-            tasks = [t for t in range(T) if specific_reach[t][i]]
-            column = [recomputed.get((t, i)) if id(p) in consumed else grads.grads[t][i] for t in tasks]
-            kept = [(t, g) for t, g in zip(tasks, column) if g is not None]
+            kept = [
+                (t, recomputed.get((t, i)) if pid in consumed else grads.grads[t][i]) for t, hit in enumerate(column) if hit
+            ]
+            kept = [(t, g) for t, g in kept if g is not None]
             if kept:
-                specific.append((p, [g for _, g in kept]))
+                specific.append((params[i], [g for _, g in kept]))
                 specific_tasks.append([t for t, _ in kept])
-        reached_shared = {id(p) for i, p in enumerate(params) if id(p) in shared_ids and any(row[i] for row in reached)}
+        shared = buffer.params if buffer is not None else []
         return PreparedGradients(
             grads.grads, shared, shared_rows, specific, specific_tasks, buffer, rows_written, sharing, reached_shared
         )
+
+    def _buffer_for(self, sharing: Sharing, params: list[torch.Tensor], num_tasks: int) -> SharedBuffer | None:
+        """The buffer of the shared parameters: the current one while the shared set and ``T`` stay."""
+        buffer = self._buffer
+        if sharing is self._sharing and buffer is not None and buffer.num_tasks == num_tasks:
+            return buffer
+        shared = [p for p in params if id(p) in sharing.shared]
+        return self._ensure_buffer(shared, num_tasks) if shared else None
 
     def _layout_before_backward(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The shared parameters as far as the graph tells, before any backward (a walk, no gradient):
@@ -557,6 +572,8 @@ class GradSurgery(torch.optim.Optimizer):
         or the last step's, grown by what became shared since."""
         T = len(structural)
         if self._explicit_shared is not None:
+            if self._sharing is not None and self._sharing.num_tasks == T:
+                return self._sharing
             return Sharing(T, set(self._explicit_shared))
         if norms is not None:
             values = torch.cat([v for _, v in norms]).tolist() if norms else []  # one host sync, first step only
@@ -585,19 +602,21 @@ class GradSurgery(torch.optim.Optimizer):
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
-        grads: list[list[torch.Tensor | None]],
         reach_of: list[list[bool]],
         sharing: Sharing,
-        early: SharedBuffer | None,
+        early: SharedBuffer,
         narrow: bool,
     ) -> dict[tuple[int, int], torch.Tensor]:
         """The gradients of parameters that were written into the first step's buffer but turned out
         task-specific (a fused head): read back from that buffer, or recomputed from the graph when
         the buffer stores them at a lower precision than the parameter's."""
-        if early is None:
-            return {}
-        wanted = [(t, i) for i, p in enumerate(params) if id(p) in early.param_ids and id(p) not in sharing.shared
-                  for t in range(len(losses)) if reach_of[t][i]]
+        wanted = [
+            (t, i)
+            for i, p in enumerate(params)
+            if id(p) in early.param_ids and id(p) not in sharing.shared
+            for t in range(len(losses))
+            if reach_of[t][i]
+        ]
         if not wanted:
             return {}
         if not narrow:
