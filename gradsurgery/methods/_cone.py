@@ -1,0 +1,222 @@
+"""Projections onto the dual cone of the task gradients, in Gram space: batched, on device, no host sync.
+
+The dual cone ``K = {d : J d ≥ 0}`` holds the updates that conflict with no task. Projecting
+``x = Jᵀu`` onto it is, in Gram space, the problem (Quinton & Rey 2024, Prop. 1) ::
+
+    v* = argmin_{v ≥ u} vᵀGv,        π_K(Jᵀu) = Jᵀv*
+
+``J v*`` is unique (it is the projection); ``v*`` need not be when ``G`` is singular, and any minimiser
+will do. With ``v = u + μ`` it is a non-negative least-squares problem in ``μ``, whose optimality
+conditions are those of a linear complementarity problem: with ``g = G(u + μ)``, ::
+
+    μ ≥ 0,   g ≥ 0,   μ_i g_i = 0        ⇔        min(μ, g) = 0.
+
+``‖min(μ, g)‖_∞`` (the *natural residual*) measures optimality, and here it also chooses between
+candidate solutions. Every candidate is first clamped to ``μ ≥ 0`` (so it is feasible); the residual
+then vanishes exactly at the minimisers. Each of the ``K`` right-hand sides ``u`` gets its own
+solution, all at once.
+
+The problem is solved on ``D G D`` with ``D = diag(G)^(-1/2)`` (zero rows keep 1), in the variables
+``D⁻¹μ``: a positive diagonal scaling leaves ``μ ≥ 0`` unchanged, makes gradients of very different
+sizes comparable and puts every diagonal entry at 1. Each right-hand side is also divided by its
+largest entry (the solution is positively homogeneous in ``u``), so both ``G`` and ``u`` are ``O(1)``.
+
+- **Up to** ``MAX_TASKS`` **tasks: exact.** By Carathéodory's theorem for cones (as in Lawson and
+  Hanson's NNLS) one minimiser has linearly independent gradients on its *free set*
+  ``F = {i : μ_i > 0}``; on it ``G_FF μ_F = −(Gu)_F``, ``μ_A = 0`` elsewhere. Every free set is solved
+  in one batched Cholesky factorisation (``2^T`` padded systems, identity rows outside ``F``; a
+  singular face fails to factorise or gives a candidate far from optimal) and the candidate with the
+  smallest natural residual wins. ``F = ∅`` (``v = u``) is a candidate, so gradients that conflict
+  with nothing come back exactly unchanged.
+- **Beyond: an interior point finished on its face.** A primal–dual interior-point method
+  (Mehrotra's predictor–corrector on the complementarity problem above, one Cholesky factorisation
+  of ``G + diag(λ/μ)`` per iteration for all right-hand sides at once) runs a fixed ``max_iter``
+  iterations. Its iterate separates the free variables (``μ_i ≫ λ_i``) from the active ones; a few
+  guesses of that split are solved exactly by Newton steps on the face from the iterate (which also
+  copes with a singular ``G_FF``: the steps only move along its range), followed by one
+  primal–dual active-set step from the best of them, and the candidate with the smallest natural
+  residual wins — at worst the interior point itself.
+
+Nothing is read back to the host and no step depends on a tensor's value through Python: a fixed
+number of kernels, whatever the data.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_TASKS = 8
+DEFAULT_ITERATIONS = 16
+# Guesses of the free set from the interior point: F = {μ_i > τ·λ_i}. Near the solution μ_i λ_i ≈ m
+# for every i, so free variables have μ_i/λ_i ≈ μ_i²/m ≫ 1 and active ones ≪ 1; the extra guesses
+# classify degenerate variables (both small) one way or the other.
+_SPLITS = (1e-4, 1.0, 1e4)
+# Ridge of the factorisations (the interior point's Newton matrix, the face steps), not of the problem:
+# on the unit diagonal of the scaled G, ~100x the rounding of its eigenvalues at T = 64 in float64, so
+# that singular faces (rank-deficient gradients) and the free variables' vanishing λ/μ still factorise.
+# The face steps are refined once, which leaves a bias of (ridge/σ_min)².
+_RIDGE = 1e-12
+# Fraction of the way to the boundary an interior-point step may go.
+_TO_BOUNDARY = 0.99
+# Complementarity below which the interior point stops aiming lower (the finish takes over): far
+# above float64's smallest normal numbers, whose subnormal neighbours are slow on CPUs.
+_FLOOR = 1e-30
+
+
+def project(G: torch.Tensor, U: torch.Tensor, *, max_iter: int = DEFAULT_ITERATIONS) -> torch.Tensor:
+    """``V`` ``(K, T)`` with ``V[k] = argmin_{v ≥ U[k]} vᵀGv``.
+
+    ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside); ``U``: float64 ``(K, T)``.
+    Exact up to ``MAX_TASKS`` tasks; beyond, the interior point
+    (``max_iter`` iterations) and its exact finish. A non-finite ``G`` or ``U`` gives NaN rows.
+    """
+    with torch.inference_mode():
+        V = _project(G, U, max_iter)
+    return V.clone()  # an ordinary tensor again, usable outside inference mode
+
+
+def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``‖min(μ, g)‖_∞`` per row ``(K,)`` in the scaled problem that ``project`` solves (``μ = D⁻¹(V − U)``,
+    ``g = DGV``, each row divided by ``U``'s largest scaled entry); 0 exactly at the minimisers, and it
+    counts ``μ < 0`` (``V`` below ``U``) as a violation too."""
+    Gs, scale = _scaled(G)
+    Us = U / scale
+    size = Us.abs().amax(dim=1, keepdim=True)
+    size = torch.where(size > 0, size, 1.0)
+    mu = (V - U) / (scale * size)
+    return torch.maximum(_residual(Gs, Us / size, mu.clamp_min(0)), (-mu).clamp_min(0).amax(dim=-1))
+
+
+def _project(G: torch.Tensor, U: torch.Tensor, max_iter: int) -> torch.Tensor:
+    Gs, scale = _scaled(G)
+    Us = U / scale
+    size = Us.abs().amax(dim=1, keepdim=True)
+    size = torch.where(size > 0, size, 1.0)
+    Us = Us / size
+    if G.shape[0] <= MAX_TASKS:
+        mu = _exact(Gs, Us)
+    else:
+        mu = _interior_finished(Gs, Us, max_iter)
+    V = torch.addcmul(U, mu, scale * size)
+    # A non-finite G or U has no answer: say so with NaN.
+    return torch.where(G.isfinite().all() & U.isfinite().all(dim=1, keepdim=True), V, float("nan"))
+
+
+def _scaled(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DGD`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal."""
+    diagonal = G.diagonal()
+    scale = torch.where(diagonal > 0, diagonal.rsqrt(), 1.0)
+    return G * torch.outer(scale, scale), scale
+
+
+def _residual(Gs: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Natural residual of each row of ``mu`` (``(..., K, T)``, already ``≥ 0``); NaN ranks last (inf)."""
+    residual = torch.minimum(mu, (Us + mu) @ Gs).abs_().amax(dim=-1)
+    return residual.nan_to_num_(nan=float("inf"))
+
+
+def _pick(candidates: torch.Tensor, Gs: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
+    """The candidate ``(C, K, T)``, clamped onto ``μ ≥ 0``, with the smallest natural residual, for each
+    right-hand side."""
+    candidates = candidates.clamp_min(0)
+    chosen = _residual(Gs, Us, candidates).argmin(dim=0)  # (K,)
+    index = chosen[None, :, None].expand(1, *candidates.shape[1:])
+    return candidates.gather(0, index).squeeze(0)  # a gather: indexing with a tensor would read it back
+
+
+# ---------------------------------------------------------------- exact: every free set at once
+
+
+@functools.lru_cache(maxsize=32)
+def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every free set ``F ⊆ {0..T−1}`` (``2^T`` of them, ``∅`` first): its mask ``(2^T, T, 1)``, where its
+    system takes ``G`` ``(2^T, T, T)`` and the system's constant part (identity rows outside ``F``)."""
+    codes = torch.arange(1 << size, dtype=torch.int64)
+    masks = ((codes[:, None] >> torch.arange(size)) & 1).to(torch.float64).to(device)
+    return masks[:, :, None], masks[:, :, None] * masks[:, None, :], torch.diag_embed(1.0 - masks)
+
+
+def _exact(Gs: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
+    masks, inside, template = _all_faces(Gs.shape[0], Gs.device)
+    factor, info = torch.linalg.cholesky_ex(torch.addcmul(template, inside, Gs))
+    solution = _solve(factor, (Us @ Gs).mT * masks)  # −μ: G_FF μ_F = −(Gu)_F
+    # A face that fails to factorise (singular, or indefinite by rounding) means nothing: NaN, which
+    # ranks last.
+    solution = torch.where(info[:, None, None] == 0, solution.neg_(), float("nan"))
+    return _pick(solution.mT, Gs, Us)
+
+
+# ---------------------------------------------------------------- beyond: interior point + exact finish
+
+
+def _interior_finished(Gs: torch.Tensor, Us: torch.Tensor, iterations: int) -> torch.Tensor:
+    mu, lam = _interior_point(Gs, Us, iterations)
+    free = torch.stack([mu > split * lam for split in _SPLITS])  # (S, K, T)
+    polished = _face_newton(Gs, Us.repeat(len(_SPLITS), 1), mu.repeat(len(_SPLITS), 1), free.flatten(0, 1))
+    # v = u first: when it is optimal (nothing to project, or G = 0 and every v is) it wins the ties.
+    candidates = torch.cat((torch.zeros_like(mu)[None], mu[None], polished.unflatten(0, free.shape[:2])))
+    best = _pick(candidates, Gs, Us)
+    # One primal–dual active-set step from the best: free where μ_i > g_i.
+    step = _face_newton(Gs, Us, best, best > (Us + best) @ Gs)
+    return _pick(torch.stack((best, step)), Gs, Us)
+
+
+def _face_newton(Gs: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """From ``mu`` ``(K, T)``, two Newton steps on ``½(u+μ)ᵀG(u+μ)`` restricted to ``μ_A = 0`` (``A`` outside
+    ``free``), with ``G_FF + ηI`` for the Hessian: on a non-singular face its minimiser up to
+    ``(η/σ_min)²``; on a singular one, the nearest minimiser along the face's range. Steps from the
+    iterate rather than a solve from scratch, so that an ill-conditioned face moves it little."""
+    inside = free.to(Gs.dtype)
+    diagonal = torch.addcmul(1.0 - inside, inside, torch.full_like(inside, _RIDGE))
+    system = torch.addcmul(torch.diag_embed(diagonal), inside[:, :, None] * inside[:, None, :], Gs)
+    factor, info = torch.linalg.cholesky_ex(system)
+    mu = mu * inside
+    for _ in range(2):
+        gradient = (Us + mu).mm(Gs).mul_(inside)
+        mu = mu - _solve(factor, gradient[:, :, None])[:, :, 0]
+    return torch.where(info[:, None] == 0, mu, float("nan"))
+
+
+def _interior_point(Gs: torch.Tensor, Us: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mehrotra's predictor–corrector on ``min ½μᵀGμ + cᵀμ, μ ≥ 0`` (``c = Gu``): with ``λ`` the multipliers,
+    Newton steps on ``Gμ + c − λ = 0``, ``μ ⊙ λ = σm`` (``m = μᵀλ/T``, ``σ`` from the predictor's
+    progress). Eliminating ``Δλ`` leaves ``(G + diag(λ/μ)) Δμ = r`` for both steps (``G + ηI`` in the
+    matrix: the free variables' ``λ/μ`` tends to 0 and ``G_FF`` may be singular). ``μ`` and ``λ`` live
+    side by side in one ``(K, 2T)`` tensor so that the step-length rule is one reduction."""
+    size = Gs.shape[0]
+    c = Us @ Gs
+    newton = Gs + _RIDGE * torch.eye(size, dtype=Gs.dtype, device=Gs.device)
+    z = torch.ones(Us.shape[0], 2 * size, dtype=Gs.dtype, device=Gs.device)
+    for _ in range(iterations):
+        mu, lam = z[:, :size], z[:, size:]
+        ratio = lam / mu
+        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(ratio).add_(newton))
+        gap = (mu * lam).mean(dim=1, keepdim=True)
+        # Predictor (σ = 0): (G + Λ/M)Δμ = −(Gμ + c − λ) − λ = −(Gμ + c), Δλ = −λ − (λ/μ)Δμ.
+        rhs = torch.addmm(c, mu, Gs).neg_()
+        d_mu = _solve(factor, rhs[:, :, None])[:, :, 0]
+        direction = torch.cat((d_mu, torch.addcmul(lam, ratio, d_mu).neg_()), dim=1)
+        predicted = torch.addcmul(z, _max_step(z, direction, 1.0), direction)
+        sigma = (predicted[:, :size] * predicted[:, size:]).mean(dim=1, keepdim=True).div_(gap).clamp_(0.0, 1.0).pow_(3)
+        # Corrector: aim at μ ⊙ λ = σm (m floored) less the predictor's second-order term t.
+        target = torch.addcmul(sigma.mul_(gap.clamp_min_(_FLOOR)), d_mu, direction[:, size:], value=-1.0)
+        d_mu = _solve(factor, torch.addcdiv(rhs, target, mu)[:, :, None])[:, :, 0]
+        direction = torch.cat((d_mu, torch.addcmul(target, lam, d_mu, value=-1.0).div_(mu).sub_(lam)), dim=1)
+        # A failed factorisation (G indefinite beyond the ridge) gives no step.
+        step = torch.where(info[:, None] == 0, _max_step(z, direction, _TO_BOUNDARY), 0.0)
+        z = torch.addcmul(z, step, direction.nan_to_num_(0.0, 0.0, 0.0))
+    return z[:, :size], z[:, size:]
+
+
+def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(LLᵀ)⁻¹ rhs`` by two triangular solves (``cholesky_solve`` checks errors on every call, which
+    costs more than the solve at these sizes)."""
+    lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+
+
+def _max_step(z: torch.Tensor, direction: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The largest step ``≤ 1`` along ``direction`` keeping ``z > 0``, times ``fraction``, per row ``(K, 1)``."""
+    return (direction / z).amin(dim=1, keepdim=True).clamp_max_(-fraction).reciprocal_().mul_(-fraction)
