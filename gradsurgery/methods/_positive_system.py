@@ -97,7 +97,8 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
     w = torch.where(accepted, w, zero)
     # NaN (or ±inf) anywhere in G: NaN weights, for the caller's finiteness check.
     poison = G.sum(dim=(-2, -1))[..., None, None] * 0
-    return PowerSystemSolution((w + poison).squeeze(-1), (error + poison)[..., 0, 0], (cancellation + poison)[..., 0, 0])
+    weights = (w + poison).squeeze(-1)
+    return PowerSystemSolution(weights, (error + poison)[..., 0, 0], (cancellation + poison)[..., 0, 0])
 
 
 def check_max_norm(max_norm: float | None) -> None:
@@ -189,7 +190,8 @@ def _newton(
         # leaves a meaningless partial factor: no step.
         chol, info = torch.linalg.cholesky_ex(torch.addcmul(eye_p, C, sigma @ sigma.mT))
         rhs = sigma * (push - Cy)  # −Σ∇F
-        solved = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, rhs, upper=False), upper=True)
+        lower = torch.linalg.solve_triangular(chol, rhs, upper=False)
+        solved = torch.linalg.solve_triangular(chol.mT, lower, upper=True)
         step = sigma * torch.where((info == 0)[..., None, None], solved, zero)
         # The ladder's steps, the longest stopping at most 0.99 of the way to the boundary y > 0.
         steps = ladder / (step / y).amin(dim=-2, keepdim=True).clamp_max(-_SHORTEN / _LONGEST)
