@@ -64,7 +64,7 @@ _SHORTEN = 0.99
 class PowerSystemSolution(NamedTuple):
     weights: torch.Tensor  # (..., T) float64: w, or zeros where the solve is not accepted
     error: torch.Tensor  # (...,) the backward error of the solve (before the fallback to zeros)
-    cancellation: torch.Tensor  # (...,) Σ_i w_i‖g_i‖ / ‖d‖ (inf when d = 0)
+    cancellation: torch.Tensor  # (...,) Σ_i w_i‖g_i‖ / ‖d‖ (NaN or inf when d = 0)
 
 
 def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> PowerSystemSolution:
@@ -78,7 +78,8 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
     active = diagonal > 0
     safe = torch.where(active, diagonal, one)
     root = safe.sqrt()
-    C = torch.where(active & active.mT, G / (root @ root.mT), eye)
+    # (torch.logical_and rather than `&`, whose Python-level wrapper costs ~10 µs a call.)
+    C = torch.where(torch.logical_and(active, active.mT), G / (root @ root.mT), eye)
     C.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # exactly: G_ii / sqrt(G_ii)² is 1 only up to rounding
     kappa = scale = None
     if not nash:
@@ -90,15 +91,14 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
         y = _nash_two(C, one)
     else:
         with torch.inference_mode():  # ~30 tiny ops per iteration: no autograd bookkeeping
-            y = _newton(C, kappa, power, max_iter, eye, ladder, zero, one).clone()
+            y = _newton(C, kappa, power, max_iter, eye, ladder, one).clone()
     error, cancellation = _diagnose(C, kappa, power, y, active, zero)
     w = y / root if nash else y / root * scale.pow((power - 1.0) / (2.0 * (power + 1.0)))
-    accepted = active & (error <= ACCEPT) & (cancellation <= MAX_CANCELLATION)
+    accepted = torch.logical_and(active, (error <= ACCEPT).logical_and_(cancellation <= MAX_CANCELLATION))
     w = torch.where(accepted, w, zero)
     # NaN (or ±inf) anywhere in G: NaN weights, for the caller's finiteness check.
     poison = G.sum(dim=(-2, -1))[..., None, None] * 0
-    weights = (w + poison).squeeze(-1)
-    return PowerSystemSolution(weights, (error + poison)[..., 0, 0], (cancellation + poison)[..., 0, 0])
+    return PowerSystemSolution((w + poison).squeeze(-1), error.squeeze((-2, -1)), cancellation.squeeze((-2, -1)))
 
 
 def check_max_norm(max_norm: float | None) -> None:
@@ -126,7 +126,7 @@ def _diagnose(
     C: torch.Tensor, kappa: torch.Tensor | None, power: float, y: torch.Tensor, active: torch.Tensor, zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward error over the active tasks and the cancellation ``Σ_i y_i / sqrt(yᵀCy)`` over them
-    (inf when ``yᵀCy ≤ 0``), both ``(..., 1, 1)``. The inactive tasks' rows of ``C`` are identity rows,
+    (NaN or inf when ``yᵀCy ≤ 0``), both ``(..., 1, 1)``. The inactive tasks' rows of ``C`` are identity rows,
     so zeroing their ``y`` leaves ``Cy`` unchanged on the active rows."""
     push = y.reciprocal() if kappa is None else kappa * y.pow(-power)
     y = torch.where(active, y, zero)
@@ -135,7 +135,7 @@ def _diagnose(
     error = torch.where(active, error, zero).amax(dim=-2, keepdim=True)
     norm_sq = y.mT @ Cy
     mass = y.sum(dim=-2, keepdim=True)
-    cancellation = torch.where(norm_sq > 0, mass / norm_sq.clamp_min(0).sqrt(), torch.inf)
+    cancellation = mass / norm_sq.sqrt()  # NaN or inf, never accepted, for norm_sq ≤ 0
     return error, cancellation
 
 
@@ -167,41 +167,41 @@ def _newton(
     iterations: int,
     eye: torch.Tensor,
     ladder: torch.Tensor,
-    zero: torch.Tensor,
     one: torch.Tensor,
 ) -> torch.Tensor:
     # Every iteration is ~30 kernels on T-sized tensors, so their count is the cost (~1 µs each on a
     # CPU): vectors stay columns (no reshaping) and the constants come built.
     nash = kappa is None
     eye_p = eye if nash else eye * power
-    last = ladder.shape[-1] - 1
-    # The start: u = κ^(1/(1+p)) times c, F's minimiser along the ray, c·uᵀCu = c^(−p)·Σ_i κ_i u_i^(1−p),
-    # i.e. c^(1+p) = Σ_i u_i² / uᵀCu (κ_i = u_i^(1+p)).
-    u = torch.ones_like(C[..., :1]) if nash else kappa.pow(1.0 / (1.0 + power))
-    curvature = u.mT @ C @ u
-    ratio = (u.mT @ u) / torch.where(curvature > 0, curvature, one)
-    y = u * (ratio.sqrt() if nash else ratio.pow(1.0 / (1.0 + power)))
+    # The start: the solution for orthogonal gradients, u = κ^(1/(1+p)), times F's minimiser along its
+    # ray, c: c·uᵀCu = c^(−p)·Σ_i κ_i u_i^(1−p), i.e. c^(1+p) = Σ_i u_i² / uᵀCu (κ_i = u_i^(1+p)).
+    if nash:
+        curvature = C.sum(dim=(-2, -1), keepdim=True)  # u = 1
+        y = (C.shape[-1] / torch.where(curvature > 0, curvature, one)).sqrt().expand_as(C[..., :1])
+    else:
+        u = kappa.pow(1.0 / (1.0 + power))
+        curvature = u.mT @ C @ u
+        y = u * ((u.mT @ u) / torch.where(curvature > 0, curvature, one)).pow(1.0 / (1.0 + power))
     for _ in range(iterations):
         Cy = C @ y
         push = y.reciprocal() if nash else kappa * y.pow(-power)  # κ·h'(y): the barrier's push outwards
         sigma = y if nash else (y / push).sqrt()  # sqrt(y^(p+1)/κ), where the Hessian is ΣCΣ + p·I
         # K = ΣCΣ + p·I ⪰ p·I. Two triangular solves rather than cholesky_solve, which checks for
-        # errors (a host read); a failed factorisation (C indefinite by rounding, with huge weights)
-        # leaves a meaningless partial factor: no step.
-        chol, info = torch.linalg.cholesky_ex(torch.addcmul(eye_p, C, sigma @ sigma.mT))
+        # errors (a host read). A failed factorisation (C indefinite by rounding, with huge weights)
+        # leaves a meaningless partial factor: its direction is taken only as far as F descends.
+        chol, _ = torch.linalg.cholesky_ex(torch.addcmul(eye_p, C, sigma @ sigma.mT))
         rhs = sigma * (push - Cy)  # −Σ∇F
         lower = torch.linalg.solve_triangular(chol, rhs, upper=False)
-        solved = torch.linalg.solve_triangular(chol.mT, lower, upper=True)
-        step = sigma * torch.where((info == 0)[..., None, None], solved, zero)
+        step = sigma * torch.linalg.solve_triangular(chol.mT, lower, upper=True).nan_to_num_(0.0, 0.0, 0.0)
         # The ladder's steps, the longest stopping at most 0.99 of the way to the boundary y > 0.
         steps = ladder / (step / y).amin(dim=-2, keepdim=True).clamp_max(-_SHORTEN / _LONGEST)
         candidates = torch.addcmul(y, step, steps)  # (..., T, K)
-        # F's slope along the step at each candidate: Δᵀ(Cy) + s·ΔᵀCΔ − Σ_i κ_i Δ_i (y_i + sΔ_i)^(−p).
-        step_row = step.mT
+        # F's slope along the step at each candidate y + sΔ: Δᵀ(C(y + sΔ)) − Σ_i κ_i Δ_i (y_i + sΔ_i)^(−p).
         pushed = candidates.reciprocal() if nash else kappa * candidates.pow(-power)
-        slopes = torch.addcmul(step_row @ Cy, steps, step_row @ (C @ step)) - step_row @ pushed
+        slopes = (C @ step).mT @ candidates - step.mT @ pushed
         # F is convex along the line, so the slopes fall along the ladder, and the longest candidate
-        # whose slope is still ≤ 0 (the first after those > 0) decreases F.
-        first = (slopes > 0).sum(dim=-1, keepdim=True).clamp_max_(last)
+        # whose slope is still ≤ 0 (the first after those > 0; the last, step 0, has slope ∇F·Δ ≤ 0)
+        # decreases F.
+        first = (slopes[..., :-1] > 0).sum(dim=-1, keepdim=True)
         y = torch.addcmul(y, steps.gather(-1, first), step)
     return y
