@@ -1,47 +1,64 @@
-"""Triton ``gram`` / ``combine`` against their torch references and against copy bandwidth, one run.
+"""Triton ``gram`` / ``combine`` and the weight solves against their torch references and against a device
+copy of the same bytes, one run.
 
-    python bench/bench_kernels.py --out DIR
+    python -m bench.bench_kernels --out DIR            # on a CUDA device
+    python -m bench.bench_kernels --out DIR --smoke    # toy sizes; without CUDA, under Triton's interpreter
 
-On a GPU: T=8, P=64M columns, fp32 and bf16. Every timing is the median of ``--repeats`` CUDA-event
-measurements after warm-up (the first calls autotune). Ratios are taken within this run: kernel ÷ its
-torch reference, kernel ÷ ``dst.copy_(J)`` (one read plus one write of J, the bandwidth ceiling), and
-GB/s of the bytes each op must move. One JSON line per measurement is appended to DIR/kernels.jsonl,
-with the machine, versions and git revision.
+On a GPU: for every T in ``--tasks`` (default 2, 8, 32) and dtype in ``--dtypes`` (fp32, bf16), a
+``(T, P)`` matrix of ``--elements`` entries (P = elements / T: every T moves the same bytes). Every timing
+is the median of ``--repeats`` CUDA-event measurements after warm-up (the first calls compile and
+autotune). Ratios are taken within the run: kernel ÷ its torch reference, and GB/s of the bytes each op
+must move ÷ the GB/s of ``dst.copy_(J)`` (one read and one write of J: the bandwidth ceiling). ``gram``
+also reports the rate of its padded ``tl.dot`` (2·BT²·P flops), which says whether fp32 — multiplied
+in full fp32, ``input_precision="ieee"``, on the FMA units — is bound by arithmetic rather than memory.
+The solves (PCGrad chains, MGDA's min-norm point, CAGrad's dual; one single-program kernel each) are
+timed per T in ``--solve-tasks`` (default 8, 32, 64: T = 64 is where Triton 3.6 spills registers)
+against the torch path. One JSON line per measurement goes to DIR/kernels.jsonl, with the machine,
+versions and revision (``bench.harness.record``).
 
-Without CUDA it runs a tiny smoke version under Triton's CPU interpreter (to check that the script and
-kernels run; interpreter timings mean nothing) and appends to DIR/kernels_smoke.jsonl instead.
+Without CUDA, or with ``--smoke``, it runs toy sizes (the interpreter's timings mean nothing: this only
+proves that the code paths run) and writes DIR/kernels_smoke.jsonl instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMOKE = {"tasks": "2,3", "elements": 3 * 4097, "solve_tasks": "3", "repeats": 2, "warmup": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON lines")
-    parser.add_argument("--tasks", type=int, default=8, help="T, rows of J (default 8)")
-    parser.add_argument("--columns", type=int, default=1 << 26, help="P, columns of J (default 64M)")
+    parser.add_argument("--tasks", default="2,8,32", help="comma list of T (default 2,8,32)")
+    parser.add_argument("--elements", type=int, default=1 << 27, help="T·P, entries of J (default 2^27)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma list from {','.join(DTYPES)}")
+    parser.add_argument("--solve-tasks", default="8,32,64", help="comma list of T for the solves ('' for none)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (autotuning happens here)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: prove the code paths, time nothing")
     return parser
 
 
-def _time_ms(fn: Callable[[], object], *, repeats: int, warmup: int, cuda: bool) -> list[float]:
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def time_ms(fn: Callable[[], object], *, repeats: int, warmup: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls after ``warmup`` untimed ones (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -62,62 +79,24 @@ def _time_ms(fn: Callable[[], object], *, repeats: int, warmup: int, cuda: bool)
     return times
 
 
-def _environment(device: torch.device) -> dict:
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        git = ("git", "-C", str(repo))
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        revision = head.stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout)
-    except (OSError, subprocess.SubprocessError):
-        revision, dirty = "unknown", None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = {
-        "git_revision": revision,
-        "git_dirty": dirty,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda)
-        env["torch_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return env
-
-
 def _max_relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     scale = reference.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     return float((result.double() - reference.double()).abs().max() / scale)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    env = _environment(device)
-    records = []
-    for name in args.dtypes.split(","):
-        records += _run_dtype(name, args, device, env)  # its tensors are freed on return
-        if cuda:
-            torch.cuda.empty_cache()
-    return records
+def _summary(times: list[float]) -> dict[str, Any]:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": len(times)}
 
 
-def _run_dtype(name: str, args: argparse.Namespace, device: torch.device, env: dict) -> list[dict]:
+def bandwidth_rows(T: int, name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """copy, gram, combine and gram+combine (Triton and torch) on one ``(T, P)`` matrix."""
     from gradsurgery.kernels import combine, combine_reference, gram, gram_reference
+    from gradsurgery.kernels.gram import gram_plan
 
     cuda = device.type == "cuda"
-    T, P = args.tasks, args.columns
+    P = max(1, args.elements // T)
     dtype = DTYPES[name]
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(T)
     J = torch.randn(T, P, generator=gen, device=device).to(dtype)
     w = torch.rand(T, generator=gen, device=device, dtype=torch.float64)
     out = torch.empty(P, dtype=dtype, device=device)
@@ -132,8 +111,7 @@ def _run_dtype(name: str, args: argparse.Namespace, device: torch.device, env: d
         gram_reference(J)
         combine_reference(w, J, out)
 
-    # (op, impl, fn, bytes the op must move at least)
-    cases = [
+    cases = [  # (op, impl, fn, bytes the op must move at least)
         ("copy", "torch", lambda: copy_dst.copy_(J), 2 * j_bytes),
         ("gram", "triton", lambda: gram(J), j_bytes),
         ("gram", "torch", lambda: gram_reference(J), j_bytes),
@@ -142,43 +120,67 @@ def _run_dtype(name: str, args: argparse.Namespace, device: torch.device, env: d
         ("gram+combine", "triton", step_triton, 2 * j_bytes + out_bytes),
         ("gram+combine", "torch", step_torch, 2 * j_bytes + out_bytes),
     ]
-    medians: dict[tuple[str, str], float] = {}
-    records = []
+    rows = []
     for op, impl, fn, moved in cases:
-        times = _time_ms(fn, repeats=args.repeats, warmup=args.warmup, cuda=cuda)
-        median = statistics.median(times)
-        medians[op, impl] = median
-        records.append(
-            {
-                "bench": "kernels",
-                "smoke": not cuda,
-                "op": op,
-                "impl": impl,
-                "dtype": name,
-                "T": T,
-                "P": P,
-                "median_ms": median,
-                "min_ms": min(times),
-                "max_ms": max(times),
-                "repeats": len(times),
-                "bytes_moved": moved,
-                "GBps": moved / (median * 1e-3) / 1e9,
-            }
-        )
-    copy = records[0]
+        summary = _summary(time_ms(fn, repeats=args.repeats, warmup=args.warmup, cuda=cuda))
+        rows.append({"op": op, "impl": impl, "bytes_moved": moved, "GBps": moved / (summary["median_ms"] * 1e-3) / 1e9, **summary})
+    copy = rows[0]
+    medians = {(r["op"], r["impl"]): r["median_ms"] for r in rows}
+    block_t = gram_plan(T, P, interpreted=not cuda, max_splits=4).block_t
     checks = {
         "gram_max_rel_error": _max_relative_error(gram(J), gram_reference(J)),
         "combine_max_rel_error": _max_relative_error(
             combine(w, J, torch.empty_like(out)), combine_reference(w, J, torch.empty_like(out))
         ),
     }
-    for record in records:
-        record["time_over_copy"] = record["median_ms"] / copy["median_ms"]
-        record["fraction_of_copy_GBps"] = record["GBps"] / copy["GBps"]
-        if record["impl"] == "triton":
-            record["speedup_over_torch"] = medians[record["op"], "torch"] / record["median_ms"]
-        record.update(checks, env=env)
-    return records
+    for row in rows:
+        row.update(kind="bandwidth", dtype=name, T=T, P=P, **checks)
+        row["time_over_copy"] = row["median_ms"] / copy["median_ms"]
+        row["fraction_of_copy_GBps"] = row["GBps"] / copy["GBps"]
+        if row["impl"] == "triton":
+            row["speedup_over_torch"] = medians[row["op"], "torch"] / row["median_ms"]
+        if row["op"] == "gram" and row["impl"] == "triton":
+            row["dot_block_t"] = block_t
+            row["dot_TFLOPs"] = 2 * block_t * block_t * P / (row["median_ms"] * 1e-3) / 1e12
+    return rows
+
+
+def solve_rows(T: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Latency of each fused solve against the torch path it reproduces, on one conflicting Gram."""
+    from gradsurgery.kernels import cagrad_dual_triton, min_norm_triton, pcgrad_weights_triton
+    from gradsurgery.methods import _simplex, cagrad, mgda
+    from gradsurgery.methods._common import normalized
+    from gradsurgery.methods.pcgrad import pcgrad_coefficients, random_orders
+
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(T)
+    J = torch.randn(T, 64, generator=gen, device=device, dtype=torch.float64)
+    G = normalized(J @ J.T)
+    b, phi = G.sum(dim=1) / T, 0.4 * G.sum().clamp_min(0).sqrt() / T
+    orders = random_orders(T, generator=gen, device=device)
+    iterations = _simplex.DEFAULT_ITERATIONS
+    pairs = {
+        "pcgrad": (lambda: pcgrad_weights_triton(G, orders), lambda: pcgrad_coefficients(G, orders).sum(dim=0)),
+        "mgda": (lambda: min_norm_triton(G, iterations), lambda: mgda._min_norm(G, iterations)),
+        "cagrad": (lambda: cagrad_dual_triton(G, b, phi, iterations), lambda: cagrad._solve(G, b, phi, iterations)),
+    }
+    rows = []
+    for method, (fused, plain) in pairs.items():
+        ours = _summary(time_ms(fused, repeats=args.repeats, warmup=args.warmup, cuda=cuda))
+        theirs = _summary(time_ms(plain, repeats=args.repeats, warmup=args.warmup, cuda=cuda))
+        rows.append(
+            {
+                "kind": "solve",
+                "op": f"solve-{method}",
+                "impl": "triton",
+                "T": T,
+                **ours,
+                "torch_median_ms": theirs["median_ms"],
+                "speedup_over_torch": theirs["median_ms"] / ours["median_ms"],
+                "max_abs_weight_difference": float((fused() - plain()).abs().max()),
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,27 +189,47 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda:
         # Must precede the first kernel launch (Triton reads it when the kernel modules load).
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print("no CUDA device: smoke run under Triton's CPU interpreter; its timings mean nothing", file=sys.stderr)
-        args.tasks, args.columns, args.repeats, args.warmup = min(args.tasks, 3), min(args.columns, 4097), 2, 1
-        filename = "kernels_smoke.jsonl"
-    else:
-        filename = "kernels.jsonl"
-    records = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / filename
-    with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    for r in records:
-        extra = f"  x{r['speedup_over_torch']:.2f} vs torch" if "speedup_over_torch" in r else ""
-        print(
-            f"{r['op']:>13} {r['impl']:>6} {r['dtype']:>4}  {r['median_ms']:9.3f} ms  {r['GBps']:8.1f} GB/s  "
-            f"{r['fraction_of_copy_GBps']:5.2f} of copy{extra}"
-        )
-    print(f"appended {len(records)} records to {path}")
+        args.smoke = True
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == build_parser().get_default(key):
+                setattr(args, key, value)
+    from bench import harness
+
+    device = torch.device("cuda" if cuda else "cpu")
+    path = args.out / ("kernels_smoke.jsonl" if args.smoke else "kernels.jsonl")
+    common = {"bench": "kernels", "smoke": args.smoke, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "revision": os.environ.get("GPU_CHECK_REVISION")}  # fmt: skip
+    count = 0
+    for T in _ints(args.tasks):
+        for name in args.dtypes.split(","):
+            for row in bandwidth_rows(T, name, args, device):  # its tensors are freed on return
+                harness.record(path, {**common, **row})
+                count += 1
+                extra = f"  x{row['speedup_over_torch']:.2f} vs torch" if "speedup_over_torch" in row else ""
+                flops = f"  {row['dot_TFLOPs']:.1f} dot TFLOP/s" if "dot_TFLOPs" in row else ""
+                print(
+                    f"T={T:<3} {name:>4} {row['op']:>13} {row['impl']:>6}  {row['median_ms']:9.3f} ms  "
+                    f"{row['GBps']:8.1f} GB/s  {row['fraction_of_copy_GBps']:5.2f} of copy{extra}{flops}",
+                    flush=True,
+                )
+            if cuda:
+                torch.cuda.empty_cache()
+    for T in _ints(args.solve_tasks):
+        for row in solve_rows(T, args, device):
+            harness.record(path, {**common, **row})
+            count += 1
+            print(
+                f"T={T:<3} {row['op']:>13} triton  {row['median_ms']:9.3f} ms  torch {row['torch_median_ms']:9.3f} ms  "
+                f"x{row['speedup_over_torch']:.2f}",
+                flush=True,
+            )
+    print(f"appended {count} records to {path}")
     return 0
 
 
