@@ -2,8 +2,8 @@
 
 Each task's utility for an update ``d`` is its first-order loss decrease ``g_iᵀd``, and FairGrad
 maximises the α-fair total ``Σ_i (g_iᵀd)^(1−α) / (1−α)`` (``Σ_i log g_iᵀd`` for ``α = 1``) over a ball
-``‖d‖ ≤ ε``. Its stationarity condition makes ``d = Σ_i w_i g_i`` with (the paper's Eq. 4 in the arXiv
-numbering, the equation the official code solves) ::
+``‖d‖ ≤ ε``. Its stationarity condition makes ``d = Σ_i w_i g_i`` with (Eq. 4 of the arXiv version, as
+TorchJD cites it; the equation the official code solves) ::
 
     G w = w^(−1/α)   elementwise,   w > 0          (g_iᵀd = w_i^(−1/α))
 
@@ -13,9 +13,10 @@ condition ``w_i (Gw)_i = 1`` (``nash_mtl``), and ``α → ∞`` max-min fairness
 convex ``½wᵀGw − Σ_i h(w_i)`` with ``h'(w) = w^(−1/α)`` and exists exactly when some ``d`` has ``g_iᵀd > 0``
 for every task. ``_positive_system`` solves it by Newton's method on the device in ``max_iter``
 iterations (default 20): the systems of the tests (``T ≤ 64``) reach rounding level within ~8, and
-random ones within 16 at ``α = 2`` while the gradients' norms stay within a factor ~20 of each other;
-very different norms (up to 24 iterations over eight decades) and large ``α`` (``α = 10``: up to ~20,
-and ~100 over eight decades) need more. ``T = 1`` is ``w = ‖g‖^(−2α/(1+α))``. A solve is accepted when
+random ones within 16 at ``α = 2`` when the gradients' norms are within about a factor 10 of each
+other; norms spread over eight decades (up to 24 iterations) and large ``α`` (``α = 10``: up to ~20,
+and ~100 over eight decades) need more, and a solve not accepted within the budget gives zero
+weights. ``T = 1`` is ``w = ‖g‖^(−2α/(1+α))``. A solve is accepted when
 its backward error is at most 1e-8 (the residual of the equation, ``max_i |w_i^(1/α) (Gw)_i − 1|``, is
 then at rounding level relative to the cancellation in ``(Gw)_i``; see ``_positive_system``).
 
@@ -31,7 +32,8 @@ positively homogeneous of degree ``(1−α)/(1+α)`` (1 at ``α → 0``, scale-i
 
 **No solution.** As for Nash-MTL: a task whose gradient is zero takes no part (weight 0); when ``0`` is
 in the convex hull of the other gradients (antiparallel gradients, more tasks than directions), or
-within rounding of it, the weights are 0 (``d = 0``, also MGDA's update there).
+within about 1e-4 (in angle) of it, where ``Σ_i w_i‖g_i‖ > 1e4·‖d‖``, the weights are 0 (``d = 0``, also
+MGDA's update there).
 
 Options: ``scale="official"`` multiplies the weights by ``T``, as the official code does ("to match the
 sum loss"), reading the paper's ``w`` as mean-scale weights; ``max_norm`` rescales the update to at most

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradsurgery.methods._positive_system import MAX_CANCELLATION
+from gradsurgery.methods._positive_system import MAX_CANCELLATION, solve_power_system
 from gradsurgery.methods.fairgrad import BIBTEX, check_fairgrad_options, fairgrad_weights
 from gradsurgery.methods.nash_mtl import nash_mtl_weights
 
@@ -175,6 +175,13 @@ def test_fairgrad_weights_do_not_read_values_back(T: int) -> None:
     with ForbidHostReads():
         fairgrad_weights(G)
         fairgrad_weights(G, alpha=0.5, scale="official", max_norm=1.0, max_iter=3, reduction="mean")
+
+
+def test_fairgrad_solver_is_batched() -> None:
+    Gs = torch.stack([(lambda J: J @ J.T)(make_J(kind, 6, 9, seed=4)) for kind in KINDS])
+    batched = solve_power_system(Gs, 1 / 2.0, max_iter=20).weights
+    for G, w in zip(Gs, batched):
+        torch.testing.assert_close(w, fairgrad_weights(G, alpha=2.0), rtol=1e-13, atol=0)
 
 
 def test_fairgrad_nan_gives_nan_weights() -> None:
