@@ -39,6 +39,7 @@
 # Environment: PYTHON (default python3; rehearsed, the python whose packages the throwaway one sees),
 # GPU_CHECK_REVISION (recorded with every result; default: git's HEAD where the tree has a .git),
 # GPU_CHECK_LIMITS ("step=seconds,..." to change limits), GPU_CHECK_SKIP ("step,..." to leave steps out),
+# GPU_CHECK_WORKERS (pytest-xdist processes; default half the cores, at most 8, none below 2),
 # GPU_CHECK_KEEP=1 (keep the scratch folder and print where it is).
 set -uo pipefail
 
@@ -276,6 +277,14 @@ PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider -p bench.gpu_pytest_plugin --
 [[ "$(fact have_pytest_benchmark)" =~ ^(None)?$ ]] && PYTEST+=(-o "addopts=-ra")
 # One hung test must not take the whole step's limit with it.
 [[ "$(fact have_pytest_timeout)" =~ ^(None)?$ ]] || PYTEST+=(--timeout=90)
+# Compiling ~150 kernel variants is most of the test steps' time and runs on the CPU: spread the tests
+# over processes where pytest-xdist is there (the H200 image has it; 16 cores). They share one Triton
+# cache, and no test times anything.
+WORKERS="${GPU_CHECK_WORKERS:-$(($(nproc 2>/dev/null || echo 2) / 2))}"
+[ "$WORKERS" -gt 8 ] && WORKERS=8
+if [ "$WORKERS" -ge 2 ] && ! [[ "$(fact have_pytest_xdist)" =~ ^(None)?$ ]]; then
+    PYTEST+=(-n "$WORKERS")
+fi
 
 if [ "$QUICK" = 1 ]; then
     run_step pytest_gpu "${PYTEST[@]}" -m gpu --junitxml "$LOGS/pytest_gpu.xml" tests/kernels

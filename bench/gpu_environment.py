@@ -86,7 +86,7 @@ def facts(stage: Path) -> dict[str, Any]:
     )
     for module, distribution in PEERS.items():
         info[f"peer_{module}"] = _version(distribution)
-    for plugin in ("pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "scipy"):
+    for plugin in ("pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "hypothesis", "scipy"):
         info[f"have_{plugin.replace('-', '_')}"] = _version(plugin)
     return info
 

@@ -12,16 +12,20 @@ initial model, SGD(lr=1e-4), timed interleaved by ``bench.harness`` with a devic
 - ``naive``, ``floor`` (T × ``autograd.grad``), ``floor-batched`` (one vmapped backward): as in the suite;
 - ``gs-{pcgrad,cagrad,mgda}-{loop,batched}``: our wrappers with their defaults and that engine
   (``nonfinite="raise"``: one read of T flags per step, what a user gets out of the box);
-- ``graph-naive`` and ``graph-gs-{method}-{engine}``: the same step with ``nonfinite="propagate"``,
-  warmed up on a side stream (``gradsurgery.kernels`` says why), captured whole — forward,
-  ``backward(losses)``, ``step()`` — in one CUDA graph and timed as ``graph.replay()``. Each capture
-  records whether it worked (the error if not) and how far 3 replays end from 3 eager steps.
+- ``graph-naive`` and ``graph-gs-{method}-{engine}`` (CUDA only): the same step with
+  ``nonfinite="propagate"``, warmed up on a side stream (``gradsurgery.kernels`` says why), captured
+  whole — forward, ``backward(losses)``, ``step()`` — in one CUDA graph and timed as ``graph.replay()``
+  against the eager variants above. Each capture records whether it worked (the error if not) and how
+  far 3 replays end from 3 eager steps.
 
-TorchJD and pytorch-optimizer are not timed here (the H200 image has neither; see
-bench/results/README.md for bringing them as wheels): each row says so under ``peers``.
+TorchJD and pytorch-optimizer are not timed here (the H200 image has neither): each row says so under
+``peers``; the suite compares with them on the CPU.
 
-One JSON line per (T, dtype), appended to DIR/step.jsonl (DIR/step_smoke.jsonl for ``--smoke``) as soon
-as it is measured, with the machine, versions and revision (``bench.harness.record``).
+Two JSON lines per (T, dtype), appended to DIR/step.jsonl (DIR/step_smoke.jsonl for ``--smoke``) as
+soon as each is measured, with the machine, versions and revision (``bench.harness.record``): ``kind:
+"eager"`` (every ratio above, loop ÷ batched, the engines) and, on a GPU, ``kind: "graph"`` (captures,
+replay ÷ eager, ÷ naive, ÷ floor). The eager line is written first, so a capture that breaks the CUDA
+context costs only its own line.
 """
 
 from __future__ import annotations
@@ -192,7 +196,10 @@ def graph_variant(problem: Problem, kind: str, *, backend: str) -> tuple[Callabl
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 — a step that does not capture is a result, not a crash
         info["error"] = f"{type(error).__name__}: {error}"[:400]
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()
+        except Exception as after:  # noqa: BLE001
+            info["error_after"] = f"{type(after).__name__}: {after}"[:200]
         return None, info
     reference = [p.detach() for p in eager.model.parameters()]  # type: ignore[attr-defined]
     scale = max(p.abs().max().item() for p in reference)
@@ -206,50 +213,81 @@ def graph_variant(problem: Problem, kind: str, *, backend: str) -> tuple[Callabl
     return replay, info
 
 
-def measure(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
+def _spec_fields(problem: Problem) -> dict[str, Any]:
+    spec = problem.spec
+    return {"model": spec.model, "T": spec.T, "batch": spec.batch, "width": spec.width, "inputs": spec.inputs}
+
+
+def _timed(variants: dict[str, Callable[[], None]], args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
     from bench import harness
 
-    cuda = problem.device.type == "cuda"
-    eager_kinds = ["naive", "floor", "floor-batched", *(f"gs-{m}-{e}" for m in METHODS for e in ENGINES)]
-    variants = {kind: eager_variant(problem, kind, backend=args.backend) for kind in eager_kinds}
-    graphs: dict[str, dict[str, Any]] = {}
-    if cuda:
-        for kind in ["naive", *(f"gs-{m}-{e}" for m in METHODS for e in ENGINES)]:
-            replay, info = graph_variant(problem, kind, backend=args.backend)
-            graphs[kind] = info
-            if replay is not None:
-                variants[f"graph-{kind}"] = replay
-    else:
-        graphs = {"all": {"captured": None, "error": "no CUDA device: CUDA graphs not attempted"}}
     warmup, min_rounds = (1, 2) if args.smoke else (3, 5)
     started = time.perf_counter()
     times = harness.interleave(variants, warmup=warmup, rounds=200, min_rounds=min_rounds, budget_s=args.budget)
-    wall = time.perf_counter() - started
+    return times, time.perf_counter() - started
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, Any]:
+    from bench import harness
+
+    summary = harness.summarize(times)
+    for entry in summary.values():
+        entry.pop("samples_s", None)
+    return summary
+
+
+def measure_eager(problem: Problem, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Callable[[], None]]]:
+    """The eager variants timed against each other: (the row's fields, the variants for the graph run)."""
+    from bench import harness
+
+    kinds = ["naive", "floor", "floor-batched", *(f"gs-{m}-{e}" for m in METHODS for e in ENGINES)]
+    variants = {kind: eager_variant(problem, kind, backend=args.backend) for kind in kinds}
+    times, wall = _timed(variants, args)
     ratios: dict[str, dict[str, Any]] = {}
     for kind in times:
         entry = {"over_naive": harness.ratio(times, kind, "naive"), "over_floor": harness.ratio(times, kind, "floor")}
         if kind.endswith("-batched"):
             entry["over_floor_batched"] = harness.ratio(times, kind, "floor-batched")
-        if kind.startswith("graph-"):
-            entry["over_eager"] = harness.ratio(times, kind, kind.removeprefix("graph-"))
         ratios[kind] = entry
-    loop_over_batched = {m: harness.ratio(times, f"gs-{m}-loop", f"gs-{m}-batched") for m in METHODS}
     # Asked for explicitly, an engine never falls back (batched raises where vmap cannot run the graph),
     # so the one each wrapper was given is the one that ran.
     engines = {kind: step.wrapper.engine for kind, step in variants.items() if getattr(step, "wrapper", None) is not None}
-    summary = harness.summarize(times)
-    for entry in summary.values():
-        entry.pop("samples_s", None)
-    return {
-        "spec": {"model": problem.spec.model, "T": problem.spec.T, "batch": problem.spec.batch,
-                 "width": problem.spec.width, "inputs": problem.spec.inputs},  # fmt: skip
+    fields = {
+        "kind": "eager",
+        "spec": _spec_fields(problem),
         "wall_s": wall,
         "ratios": ratios,
-        "loop_over_batched": loop_over_batched,
+        "loop_over_batched": {m: harness.ratio(times, f"gs-{m}-loop", f"gs-{m}-batched") for m in METHODS},
         "engines": engines,
-        "graphs": graphs,
-        "variants": summary,
+        "variants": _summary(times),
     }
+    return fields, variants
+
+
+def measure_graphs(problem: Problem, args: argparse.Namespace, eager: dict[str, Callable[[], None]]) -> dict[str, Any]:
+    """Every step captured whole, then its replays timed against the eager steps (run after the eager
+    row is recorded: a capture that breaks the CUDA context loses only this row)."""
+    from bench import harness
+
+    captures: dict[str, dict[str, Any]] = {}
+    variants = dict(eager)
+    for kind in ["naive", *(f"gs-{m}-{e}" for m in METHODS for e in ENGINES)]:
+        replay, info = graph_variant(problem, kind, backend=args.backend)
+        captures[kind] = info
+        if replay is not None:
+            variants[f"graph-{kind}"] = replay
+    times, wall = _timed(variants, args)
+    ratios = {
+        kind: {
+            "over_eager": harness.ratio(times, kind, kind.removeprefix("graph-")),
+            "over_naive": harness.ratio(times, kind, "naive"),
+            "over_floor": harness.ratio(times, kind, "floor"),
+        }
+        for kind in times
+        if kind.startswith("graph-")
+    }
+    return {"kind": "graph", "spec": _spec_fields(problem), "wall_s": wall, "captures": captures, "ratios": ratios,
+            "variants": _summary(times)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,30 +323,32 @@ def main(argv: list[str] | None = None) -> int:
         spec = Spec("mlp", T, 8, width=32, inputs=8) if args.smoke else Spec("mlp", T, 256)
         for name in args.dtypes.split(","):
             problem = Problem(spec, device, DTYPES[name])
-            result = measure(problem, args)
-            row = harness.record(
-                path,
-                {
-                    "bench": "gpu_step",
-                    "smoke": args.smoke,
-                    "device": torch.cuda.get_device_name() if cuda else "cpu",
-                    "revision": os.environ.get("GPU_CHECK_REVISION"),
-                    "T": T,
-                    "dtype": name,
-                    "description": spec.describe(),
-                    "shared_params": shared_numel(spec),
-                    "optimizer": f"SGD(lr={LR})",
-                    "backend": args.backend,
-                    "peers": peers_line,
-                    **result,
-                },
-            )
+            common = {
+                "bench": "gpu_step",
+                "smoke": args.smoke,
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "revision": os.environ.get("GPU_CHECK_REVISION"),
+                "T": T,
+                "dtype": name,
+                "description": spec.describe(),
+                "shared_params": shared_numel(spec),
+                "optimizer": f"SGD(lr={LR})",
+                "backend": args.backend,
+                "peers": peers_line,
+            }
+            fields, eager = measure_eager(problem, args)
+            if not cuda:
+                fields["cuda_graphs"] = "not attempted: no CUDA device"
+            row = harness.record(path, {**common, **fields})
             naive_ms = row["variants"]["naive"]["median_s"] * 1e3
-            cells = "  ".join(
-                f"{kind} {entry['over_naive']['of_medians']:.2f}" for kind, entry in row["ratios"].items() if kind != "naive"
-            )
-            captured = {kind: info.get("captured") for kind, info in row["graphs"].items()}
-            print(f"T={T} {name}: naive {naive_ms:.3f} ms; ÷ naive: {cells}; captured: {captured}", flush=True)
+            cells = "  ".join(f"{k} {v['over_naive']['of_medians']:.2f}" for k, v in row["ratios"].items() if k != "naive")
+            print(f"T={T} {name}: naive {naive_ms:.3f} ms; ÷ naive: {cells}", flush=True)
+            if cuda:
+                row = harness.record(path, {**common, **measure_graphs(problem, args, eager)})
+                cells = "  ".join(f"{k} {v['over_eager']['of_medians']:.2f}" for k, v in row["ratios"].items())
+                failed = [k for k, info in row["captures"].items() if not info["captured"]]
+                print(f"T={T} {name}: replay ÷ eager: {cells}; not captured: {failed or 'none'}", flush=True)
+            del eager
             if cuda:
                 torch.cuda.empty_cache()
     print(f"recorded to {path}")

@@ -116,7 +116,7 @@ def test_rehearsal_benchmarks_record_every_field(rehearsal: tuple[subprocess.Com
         assert step["ratios"][kind]["over_naive"]["of_medians"] > 0 and step["ratios"][kind]["over_floor"]["of_medians"] > 0
     assert set(step["loop_over_batched"]) == {"pcgrad", "cagrad", "mgda"}
     assert step["engines"]["gs-cagrad-batched"] == "batched" and step["engines"]["gs-mgda-loop"] == "loop"
-    assert step["graphs"] == {"all": {"captured": None, "error": "no CUDA device: CUDA graphs not attempted"}}
+    assert step["kind"] == "eager" and step["cuda_graphs"] == "not attempted: no CUDA device"
     assert "not timed here" in step["peers"]
 
 
@@ -198,3 +198,59 @@ def test_environment_problems_name_what_is_wrong() -> None:
         require_cuda=True,
     )  # fmt: skip
     assert len(found) == 3 and "/repo/gradsurgery" in found[0] and "knobs" in found[1] and "CUDA" in found[2]
+
+
+class _StandInStream:
+    def wait_stream(self, other: object) -> None:
+        del other
+
+
+class _StandInGraph:
+    """Records what gpu_step asks of a CUDA graph; its "capture" runs the step once, replays run nothing."""
+
+    def __init__(self) -> None:
+        self.generators: list[object] = []
+        self.replays = 0
+
+    def register_generator_state(self, generator: object) -> None:
+        self.generators.append(generator)
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+def test_the_graph_path_runs_with_a_stand_in_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The capture code cannot run without a GPU; with torch.cuda's graph calls stood in for, every line
+    # of it runs here: warm-up, generator registration, capture, replays against the eager twin, timing.
+    import argparse
+    import contextlib
+
+    import torch
+
+    from bench import gpu_step
+    from bench.bench_suite import Spec
+
+    graphs: list[_StandInGraph] = []
+
+    def new_graph() -> _StandInGraph:
+        graphs.append(_StandInGraph())
+        return graphs[-1]
+
+    monkeypatch.setattr(torch.cuda, "Stream", _StandInStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _StandInStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    problem = gpu_step.Problem(Spec("mlp", 3, 4, width=8, inputs=4), torch.device("cpu"), torch.float32)
+    args = argparse.Namespace(backend="torch", smoke=True, budget=0.0)
+    _, eager = gpu_step.measure_eager(problem, args)
+    row = gpu_step.measure_graphs(problem, args, eager)
+    assert set(row["captures"]) == {"naive", *(f"gs-{m}-{e}" for m in gpu_step.METHODS for e in gpu_step.ENGINES)}
+    for kind, info in row["captures"].items():
+        assert info["captured"], (kind, info)
+        # The stand-in replays step nothing, so the graphed model ends a few steps behind its eager twin.
+        assert info["max_abs_diff_vs_eager"] > 0
+    assert [len(g.generators) for g in graphs] == [0, 1, 1, 0, 0, 0, 0]  # PCGrad's, for both engines
+    assert all(g.replays >= gpu_step.CHECK_STEPS + 2 for g in graphs)  # the check, then the timed rounds
+    assert set(row["ratios"]) == {f"graph-{kind}" for kind in row["captures"]}
