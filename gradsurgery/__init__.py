@@ -1,22 +1,28 @@
-"""gradsurgery: gradient surgery (PCGrad, CAGrad, MGDA) for joint training in PyTorch."""
+"""gradsurgery: gradient surgery for joint (multi-task) training in PyTorch.
+
+Every method of :data:`gradsurgery.methods.REGISTRY` is an optimizer wrapper here (``gs.PCGrad``,
+``gs.CAGrad``, ``gs.MGDA``, ``gs.Sum``, ...) and a pair of functions in :mod:`gradsurgery.functional`.
+"""
 
 from . import functional, methods
 from .citation import bibtex, cite
 from .errors import NonFiniteGradientError
-from .optim import CAGrad, GradSurgery, Mean, MGDA, PCGrad, Sum
+from .methods import REGISTRY
+from .optim import WRAPPERS, GradSurgery, MethodWrapper, wrapper_class
+
+globals().update(WRAPPERS)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CAGrad",
     "GradSurgery",
-    "MGDA",
-    "Mean",
+    "MethodWrapper",
     "NonFiniteGradientError",
-    "PCGrad",
-    "Sum",
+    "REGISTRY",
     "bibtex",
     "cite",
     "functional",
     "methods",
+    "wrapper_class",
+    *sorted(WRAPPERS),
 ]

@@ -1,8 +1,8 @@
-"""BibTeX for the library and for every method it implements."""
+"""BibTeX for the library and for every method it implements (from each method's spec)."""
 
 from __future__ import annotations
 
-from .methods import cagrad, mgda, pcgrad
+from .methods import REGISTRY
 
 LIBRARY_BIBTEX = """@software{gradsurgery,
   title  = {gradsurgery: Gradient Surgery for Joint Training in PyTorch},
@@ -12,7 +12,7 @@ LIBRARY_BIBTEX = """@software{gradsurgery,
   license = {MIT}
 }"""
 
-METHOD_BIBTEX: dict[str, str] = {"PCGrad": pcgrad.BIBTEX, "CAGrad": cagrad.BIBTEX, "MGDA": mgda.BIBTEX}
+METHOD_BIBTEX: dict[str, str] = {method.name: method.bibtex for method in REGISTRY if method.bibtex}
 
 
 def bibtex(method: str | None = None) -> str:

@@ -55,25 +55,24 @@ import hashlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from . import backend as _backend
+from . import apply as _apply
 from .errors import NonFiniteGradientError
-from .methods._common import to_reduction
-from .grads import Written, accumulate_plain
+from .grads import dense, grad_norms
+from .pipeline import Aggregate, Elementwise, Target, WeightsOf, aggregate
+from .prepare import FeatureGradients, GradOptions, Prepared, PreparedGradients, SpecificGradients, features_extra, through_features
+from .state import Accumulation, Layout
 from .taskgrads import SharedBuffer
-
-if TYPE_CHECKING:
-    from .optim import FeatureGradients, GradSurgery, PreparedGradients
 
 SYNC_MODES = ("exact", "local", "sharded")
 # Backends whose reduce-scatter sends (N−1)/N of the input; gloo's is a full all-reduce in disguise.
 NATIVE_REDUCE_SCATTER = ("nccl", "xccl")
 BUCKET_BYTES = 25 * 2**20  # the task-specific gradients are flattened into buckets of at most this size
-_PROTOCOL = 0x67735F6473_01  # "gs_ds" v1: a descriptor from anything else means the ranks are out of step
+_PROTOCOL = 0x67735F6473_02  # "gs_ds" v2: a descriptor from anything else means the ranks are out of step
 _FIELDS = (
     "protocol",
     "failed",
@@ -86,7 +85,7 @@ _FIELDS = (
     "shared numel",
     "shared parameter shapes",
     "task-specific parameters",
-    "PCGrad generator state",
+    "generator state",
     "non-finite tasks",
     "reserved",
 )
@@ -154,18 +153,39 @@ class CommStats:
 class _Local:
     """What one rank prepared before talking to the others."""
 
-    T: int
-    params: list[torch.Tensor]
-    loss_values: torch.Tensor
-    shared: list[torch.Tensor]  # the shared parameters (representation mode: the encoder's)
-    specific: list[tuple[torch.Tensor, list[torch.Tensor]]]  # task-specific parameter and its task gradients
-    shared_rows: list[dict[int, torch.Tensor]] = field(default_factory=list)
-    task_grads: list[list[torch.Tensor | None]] | None = None
+    prepared: Prepared
     suspects: torch.Tensor | None = None  # (T,) bool: tasks whose gradients may hold NaN/Inf
-    features: torch.Tensor | None = None
-    feature_rows: torch.Tensor | None = None  # (T, numel of features)
-    prepared: PreparedGradients | None = None
-    feature_prepared: FeatureGradients | None = None
+
+    @property
+    def shared(self) -> list[torch.Tensor]:
+        """The shared parameters (representation mode: the encoder's)."""
+        if self.prepared.features is not None:
+            return self.prepared.features.encoder
+        assert self.prepared.parameters is not None
+        return self.prepared.parameters.shared
+
+    @property
+    def specific(self) -> SpecificGradients:
+        grads = self.prepared.features or self.prepared.parameters
+        assert grads is not None
+        return grads.specific
+
+
+@dataclass
+class BackwardCall:
+    """One ``backward()`` as the distributed code sees it: the wrapper's state and callables, made
+    explicit (nothing here reaches into the wrapper)."""
+
+    prepare: Callable[[], Prepared]  # checks and per-task gradients; writes nothing
+    layout: Layout
+    accumulation: Accumulation
+    options: GradOptions
+    reduction: str
+    weights_of: Callable[[torch.Tensor | None], WeightsOf]  # loss values → (G → weights, reduction applied)
+    elementwise: Elementwise | None  # a method that combines J itself (GradDrop)
+    identity: dict[str, Any]  # the method and its options, compared across ranks
+    generator: torch.Generator | None  # compared across ranks
+    record: Callable[[Aggregate], None]  # last_gram, last_weights
 
 
 @dataclass
@@ -257,52 +277,37 @@ class DistributedSync:
 
     # ------------------------------------------------------------------ the backward pass
 
-    def backward(self, opt: GradSurgery, losses: Any, features: torch.Tensor | None) -> None:
+    def backward(self, call: BackwardCall) -> None:
         """The distributed counterpart of :meth:`GradSurgery.backward` (same contract, same errors)."""
         try:
-            local: _Local | None = self._prepare(opt, losses, features)
+            local: _Local | None = self._prepare(call)
             error: Exception | None = None
         except Exception as exc:  # re-raised below, after telling the other ranks
             local, error = None, exc
         try:
-            self._agree(opt, local, error)
+            self._agree(call, local, error)
         except _Skip:
             return
         assert local is not None
-        if local.features is not None:
-            self._features_step(opt, local)
+        if local.prepared.features is not None:
+            self._features_step(call, local, local.prepared.features)
         else:
-            self._step(opt, local)
+            assert local.prepared.parameters is not None
+            self._step(call, local, local.prepared.parameters)
 
-    def _prepare(self, opt: GradSurgery, losses: Any, features: torch.Tensor | None) -> _Local:
+    def _prepare(self, call: BackwardCall) -> _Local:
         """Everything ``GradSurgery.backward`` does before it writes: checks and per-task gradients."""
-        accumulate = opt._accumulating()
-        losses, params, loss_values = opt._begin(losses, accumulate=accumulate)
-        T = len(losses)
-        if features is not None:
-            prepared_features = opt._feature_gradients(losses, features, params)
-            return _Local(
-                T,
-                params,
-                loss_values,
-                prepared_features.encoder,
-                prepared_features.specific,
-                features=features,
-                feature_rows=prepared_features.rows,
-                feature_prepared=prepared_features,
-            )
-        prepared = opt._task_gradients(losses, params, accumulate=accumulate)
-        local = _Local(T, params, loss_values, prepared.shared, prepared.specific, prepared.shared_rows, prepared=prepared)
-        if opt.nonfinite != "propagate":
-            local.task_grads = prepared.grads
-            local.suspects = _suspect_flags(prepared.grads, params[0].device)
+        prepared = call.prepare()
+        local = _Local(prepared)
+        if prepared.parameters is not None and call.options.nonfinite != "propagate":
+            local.suspects = _suspect_flags(prepared.parameters.grads, prepared.params[0].device)
         return local
 
-    def _agree(self, opt: GradSurgery, local: _Local | None, error: Exception | None) -> None:
+    def _agree(self, call: BackwardCall, local: _Local | None, error: Exception | None) -> None:
         """All-gather the descriptors; raise the same error on every rank when anything disagrees."""
         self._calls += 1
-        values = self._descriptor(opt, local)
-        device = self._device(local.params[0] if local is not None else None)
+        values = self._descriptor(call, local)
+        device = self._device(local.prepared.params[0] if local is not None else None)
         mine = torch.tensor(values, dtype=torch.int64, device=device)
         if local is not None and local.suspects is not None:
             mine[_FIELDS.index("non-finite tasks")] = local.suspects.to(device).sum()
@@ -325,72 +330,70 @@ class DistributedSync:
             raise kind(f"backward() failed on rank {failed[0]} with {name}: {message}")
         for name in _COMPARED:
             if len({row[name] for row in table}) > 1:
-                details = self._all_gather_objects(_details(opt, local, name, self))
+                details = self._all_gather_objects(_details(call, local, name, self))
                 listing = "; ".join(f"rank {r}: {d}" for r, d in enumerate(details))
                 raise ValueError(f"the ranks disagree on the {name} ({listing}). {_ADVICE[name]}")
         if any(row["non-finite tasks"] for row in table):
-            assert local is not None and local.task_grads is not None and local.suspects is not None
-            confirmed = _nonfinite_tasks(local.task_grads, local.suspects)
+            assert local is not None and local.prepared.parameters is not None and local.suspects is not None
+            T = local.prepared.num_tasks
+            confirmed = _nonfinite_tasks(local.prepared.parameters.grads, local.suspects)
             ranks = torch.zeros(self.world, dtype=torch.int32)
             ranks[self.rank] = int(confirmed.any())
             flags = torch.cat([confirmed, ranks]).to(device)
             self._all_reduce(flags).wait()  # sums of 0/1 flags: per task, then per rank
             counts = flags.tolist()
-            bad = [t for t, n in enumerate(counts[: local.T]) if n]
-            bad_ranks = [r for r, n in enumerate(counts[local.T :]) if n]
+            bad = [t for t, n in enumerate(counts[:T]) if n]
+            bad_ranks = [r for r, n in enumerate(counts[T:]) if n]
             if not bad:  # only finite entries with an overflowing norm: the Gram's rescue handles those
                 return
-            if opt.nonfinite == "raise":
+            if call.options.nonfinite == "raise":
                 raise NonFiniteGradientError(
                     f"non-finite gradient (NaN/Inf) for task(s) {bad} "
                     f"on rank(s) {bad_ranks}; no .grad, parameter or optimizer state was changed on any rank",
                     tasks=bad,
                 )
-            opt._skip_step = True
+            call.accumulation.skipped(T)
             raise _Skip
 
-    def _descriptor(self, opt: GradSurgery, local: _Local | None) -> list[int]:
+    def _descriptor(self, call: BackwardCall, local: _Local | None) -> list[int]:
         values = dict.fromkeys(_FIELDS, 0)
         values["protocol"] = _PROTOCOL
         values["backward call"] = self._calls
-        values["method and options"] = _hash(repr(_options(opt, self)))
-        values["PCGrad generator state"] = _generator_hash(opt)
+        values["method and options"] = _hash(repr(_options(call, self)))
+        values["generator state"] = _generator_hash(call.generator)
         if local is None:
             values["failed"] = 1
             return list(values.values())
-        index = {id(p): i for i, p in enumerate(local.params)}
-        values["number of tasks"] = local.T
-        values["representation mode"] = int(local.features is not None)
-        values["accumulation state"] = int(opt._pending_tasks is not None)
-        values["number of shared parameters"] = len(local.shared)
-        values["shared numel"] = sum(p.numel() for p in local.shared)
-        values["shared parameter shapes"] = _hash(repr(_signature(local.shared, index)))
-        values["task-specific parameters"] = _hash(repr(_signature([p for p, _ in local.specific], index)))
+        prepared = local.prepared
+        shared, specific = local.shared, local.specific
+        index = {id(p): i for i, p in enumerate(prepared.params)}
+        values["number of tasks"] = prepared.num_tasks
+        values["representation mode"] = int(prepared.features is not None)
+        values["accumulation state"] = int(prepared.accumulate)
+        values["number of shared parameters"] = len(shared)
+        values["shared numel"] = sum(p.numel() for p in shared)
+        values["shared parameter shapes"] = _hash(repr(_signature(shared, index)))
+        values["task-specific parameters"] = _hash(repr(_signature([p for p, _ in specific], index)))
         return list(values.values())
 
     # ------------------------------------------------------------------ the three modes
 
-    def _step(self, opt: GradSurgery, local: _Local) -> None:
-        T = local.T
-        accumulate = opt._pending_tasks is not None
-        assert local.prepared is not None
-        buffer = local.prepared.buffer
-        opt._begin_writes(local.prepared, accumulate=accumulate)
+    def _step(self, call: BackwardCall, local: _Local, grads: PreparedGradients) -> None:
+        prepared = local.prepared
+        accumulate = prepared.accumulate
+        buffer = grads.buffer
+        _apply.open_writes(grads, call.layout, call.accumulation, accumulate=accumulate)
         if buffer is not None:
-            for t in range(T):
-                buffer.write(t, local.shared_rows[t], accumulate=accumulate)
-        sums = [_total(grads) for _, grads in local.specific]
-        loss_values = local.loss_values
+            for t, rows in enumerate(grads.shared_rows):
+                buffer.write(t, rows, accumulate=accumulate)
+        sums = [_total(g) for _, g in grads.specific]
+        loss_values = prepared.loss_values
         owned = None
-        if self.sync == "local":
-            opt._pending_losses = loss_values if opt._pending_losses is None else opt._pending_losses + loss_values
-            if buffer is not None:
-                opt._surgery(buffer)
-            works = self._mean_whole([update for _, update in buffer.groups] if buffer is not None else [])
-            more, sums = self._mean_bucketed(sums)
-            _wait(works + more)
-        else:
-            works, (loss_values, *sums) = self._mean_bucketed([loss_values, *sums])
+        if self.sync != "local":
+            works, sums = self._mean_bucketed(sums)
+            if loss_values is not None:
+                more, (loss_values,) = self._mean_bucketed([loss_values])
+                works += more
             if buffer is not None:
                 if self.sync == "exact" or not self.native_reduce_scatter:
                     if self.sync == "sharded":
@@ -400,18 +403,28 @@ class DistributedSync:
                     owned, work = self._reduce_scatter_buffer(buffer)
                     works.append(work)
             _wait(works)
-            opt._pending_losses = loss_values if opt._pending_losses is None else opt._pending_losses + loss_values
-            if buffer is not None:
-                if self.sync == "exact":
-                    opt._surgery(buffer)
-                else:
-                    self._sharded_surgery(opt, buffer, owned)
-        accumulate_plain([(p, [s]) for (p, _), s in zip(local.specific, sums)])
-        opt._pending_tasks = T
-        opt._num_tasks = T
-        opt._checkpoint_tasks = None
-        opt._unstepped = True
-        opt._written = None if buffer is None else Written.of(buffer.params)
+        prepared.loss_values = loss_values
+        _apply.count(prepared, call.layout, call.accumulation, grads.reached_shared)
+        rescue = call.options.nonfinite != "propagate"
+        weights_of = call.weights_of(call.accumulation.losses)
+        if buffer is not None:
+            if self.sync == "sharded":
+                result = self._sharded_surgery(call, buffer, owned, weights_of)
+            else:
+                result = aggregate(
+                    buffer.matrix, _apply.targets(buffer), weights_of, backend=call.options.backend, rescue=rescue, elementwise=call.elementwise
+                )
+                if self.sync == "local":
+                    more, sums = self._mean_bucketed(sums)
+                    _wait(self._mean_whole([update for _, update in buffer.groups]) + more)
+            _apply.attach(buffer, call.accumulation)
+            call.record(result)
+        else:
+            if self.sync == "local":
+                more, sums = self._mean_bucketed(sums)
+                _wait(more)
+            call.accumulation.wrote(None)
+        _apply.write_specific([(p, [s]) for (p, _), s in zip(grads.specific, sums)])
 
     def _shard_for(self, buffer: SharedBuffer) -> _Shard:
         key = (id(buffer), buffer.matrix.shape, buffer.matrix.dtype, self.native_reduce_scatter)
@@ -452,50 +465,75 @@ class DistributedSync:
         work = self._reduce_scatter(shard.owned.view(-1), packed.view(-1))
         return shard.owned[:, : shard.stop - shard.start], work
 
-    def _sharded_surgery(self, opt: GradSurgery, buffer: SharedBuffer, owned: torch.Tensor | None) -> None:
+    def _sharded_surgery(
+        self, call: BackwardCall, buffer: SharedBuffer, owned: torch.Tensor | None, weights_of: WeightsOf
+    ) -> Aggregate:
+        """Gram of this rank's columns → all-reduce → weights → combine of its columns → all-gather."""
         shard = self._shard_for(buffer)
         if owned is None:  # fallback: the whole mean was all-reduced into the buffer
             owned = buffer.matrix[:, shard.start : shard.stop]
-        # fp64 whatever the rescue did on each rank, so that every rank all-reduces the same dtype
-        G = _backend.gram(owned, backend=opt.backend, rescue=opt.nonfinite != "propagate").to(torch.float64)
-        self._all_reduce(G).wait()
-        w = to_reduction(opt.weights(G, opt._pending_losses), opt.reduction)
         width = shard.stop - shard.start
-        if width:
-            _backend.combine(w, owned, shard.update[:width], backend=opt.backend)
-        self._all_gather(shard.gathered, shard.update).wait()
-        for (columns, update), base in zip(buffer.groups, buffer.bases or [None] * len(buffer.groups)):
-            update.copy_(shard.gathered[columns])
-            if base is not None:
-                update.add_(base)
-        buffer.attach_grads(frozenset(opt._window_reached))
-        opt.last_gram, opt.last_weights = G, w
 
-    def _features_step(self, opt: GradSurgery, local: _Local) -> None:
+        def reduce_gram(G: torch.Tensor) -> torch.Tensor:
+            G = G.to(torch.float64)  # whatever the rescue did on each rank: every rank all-reduces one dtype
+            self._all_reduce(G).wait()
+            return G
+
+        result = aggregate(
+            owned,
+            [Target(slice(0, width), shard.update[:width])] if width else [],
+            weights_of,
+            backend=call.options.backend,
+            rescue=call.options.nonfinite != "propagate",
+            reduce_gram=reduce_gram,
+            elementwise=call.elementwise,
+        )
+        self._all_gather(shard.gathered, shard.update).wait()
+        for target in _apply.targets(buffer):
+            target.out.copy_(shard.gathered[target.columns])
+            if target.base is not None:
+                target.out.add_(target.base)
+        return result
+
+    def _features_step(self, call: BackwardCall, local: _Local, grads: FeatureGradients) -> None:
         """Representation mode: weights from the Gram of ``∂L_t/∂z``; the encoder's and heads' gradients averaged.
 
         With the global loss the mean of the ranks' (equal-batch) losses, ``∂L/∂z_r = ∂L_r/∂z_r / N``, so the
         global Gram is ``Σ_r G_r / N²`` — one all-reduce of ``T²`` numbers (``exact`` and ``sharded``).
         """
-        assert local.feature_rows is not None and local.features is not None
-        rows = local.feature_rows
-        G = _backend.gram(rows, backend=opt.backend)
-        loss_values = local.loss_values
+        prepared = local.prepared
+        rows = grads.rows
+        loss_values = prepared.loss_values
+        reduce_gram = None
         if self.sync != "local":
-            works, (loss_values,) = self._mean_bucketed([loss_values])
-            _wait([*works, self._all_reduce(G)])
-            G = G / self.world**2
-        w = to_reduction(opt.weights(G, loss_values), opt.reduction)
-        assert local.feature_prepared is not None
-        encoder_grads = opt._through_features(local.feature_prepared, w)
-        pairs = [(p, g) for p, g in zip(local.shared, encoder_grads) if g is not None]
-        pairs += [(p, _total(grads)) for p, grads in local.specific]
+            if loss_values is not None:
+                works, (loss_values,) = self._mean_bucketed([loss_values])
+                _wait(works)
+
+            def reduce_gram(G: torch.Tensor) -> torch.Tensor:
+                self._all_reduce(G).wait()
+                return G / self.world**2
+
+        combined = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        result = aggregate(
+            rows,
+            [Target(slice(None), combined)],
+            call.weights_of(loss_values),
+            backend=call.options.backend,
+            reduce_gram=reduce_gram,
+            elementwise=call.elementwise,
+        )
+        extra = features_extra(rows, combined, result, call.options.backend) if grads.bypass else None
+        encoder_grads = through_features(grads, combined, extra)
+        pairs = [(p, g) for p, g in zip(grads.encoder, encoder_grads) if g is not None]
+        pairs += [(p, _total(g)) for p, g in grads.specific]
         works, means = self._mean_bucketed([g for _, g in pairs])
         _wait(works)
-        accumulate_plain([(p, [g]) for (p, _), g in zip(pairs, means)])
-        opt.last_gram, opt.last_weights = G, w
-        opt._num_tasks = local.T
-        opt._unstepped = True
+        _apply.write_specific([(p, [g]) for (p, _), g in zip(pairs, means)])
+        call.record(result)
+        call.layout.num_tasks = prepared.num_tasks
+        call.layout.checkpoint_tasks = None
+        call.accumulation.unstepped = True
 
     def _warn_fallback(self) -> None:
         if self.backend not in _warned_fallback:
@@ -539,14 +577,14 @@ def _buckets(items: list[int], sizes: list[int]) -> list[list[int]]:
 def _suspect_flags(grads: list[list[torch.Tensor | None]], device: torch.device) -> torch.Tensor:
     """``(T,)`` bool, a superset of the tasks with a NaN/Inf gradient entry: a non-finite 2-norm (one fused
     pass; it is also Inf for finite entries beyond ~1e19 in fp32, which :func:`_nonfinite_tasks` clears)."""
-    flags = [~torch.stack(torch._foreach_norm([g for g in row if g is not None])).isfinite().all() for row in grads]
+    flags = [~grad_norms([g for g in row if g is not None]).isfinite().all() for row in grads]
     return torch.stack(flags).to(device)
 
 
 def _nonfinite_tasks(grads: list[list[torch.Tensor | None]], suspects: torch.Tensor) -> torch.Tensor:
     """``(T,)`` int32: 1 for the suspected tasks that really hold a NaN/Inf entry (the rare path: exact test)."""
     flags = [
-        bool(suspect) and not all(bool(g.isfinite().all()) for g in row if g is not None)
+        bool(suspect) and not all(bool(dense(g).isfinite().all()) for g in row if g is not None)
         for row, suspect in zip(grads, suspects.tolist())
     ]
     return torch.tensor(flags, dtype=torch.int32)
@@ -560,34 +598,41 @@ def _signature(params: list[torch.Tensor], index: dict[int, int]) -> list[tuple[
     return [(index[id(p)], tuple(p.shape), str(p.dtype).removeprefix("torch.")) for p in params]
 
 
-def _options(opt: GradSurgery, sync: DistributedSync) -> dict[str, Any]:
-    names = ("reduction", "nonfinite", "storage_dtype", "backend", "c", "rescale", "max_iter", "normalization")
-    return {"method": type(opt).__name__, "sync": sync.sync, **{n: getattr(opt, n) for n in names if hasattr(opt, n)}}
+def _options(call: BackwardCall, sync: DistributedSync) -> dict[str, Any]:
+    options = call.options
+    return {
+        **call.identity,
+        "sync": sync.sync,
+        "reduction": call.reduction,
+        "nonfinite": options.nonfinite,
+        "storage_dtype": options.storage_dtype,
+        "backend": options.backend,
+    }
 
 
-def _generator_hash(opt: GradSurgery) -> int:
-    generator = getattr(opt, "generator", None)
-    if not isinstance(generator, torch.Generator):
+def _generator_hash(generator: torch.Generator | None) -> int:
+    if generator is None:
         return 0
     return int.from_bytes(hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=7).digest(), "little")
 
 
-def _details(opt: GradSurgery, local: _Local | None, name: str, sync: DistributedSync) -> str:
+def _details(call: BackwardCall, local: _Local | None, name: str, sync: DistributedSync) -> str:
     """A readable account of one descriptor field on this rank, for the error message."""
     if name == "method and options":
-        return repr(_options(opt, sync))
-    if name == "PCGrad generator state":
-        return f"seed {getattr(opt, 'seed', None)}, state hash {_generator_hash(opt):x}"
+        return repr(_options(call, sync))
+    if name == "generator state":
+        return f"state hash {_generator_hash(call.generator):x}"
     if name == "backward call":
         return f"call {sync._calls}"
     assert local is not None
-    index = {id(p): i for i, p in enumerate(local.params)}
+    prepared = local.prepared
+    index = {id(p): i for i, p in enumerate(prepared.params)}
     if name == "number of tasks":
-        return f"{local.T} losses"
+        return f"{prepared.num_tasks} losses"
     if name == "representation mode":
-        return "features=" + ("given" if local.features is not None else "None")
+        return "features=" + ("given" if prepared.features is not None else "None")
     if name == "accumulation state":
-        return "accumulating since zero_grad()" if opt._pending_tasks is not None else "fresh after zero_grad()"
+        return "accumulating since the gradients were cleared" if prepared.accumulate else "fresh after clearing"
     if name in ("number of shared parameters", "shared numel", "shared parameter shapes"):
         return f"{len(local.shared)} shared parameters (index, shape, dtype): {_signature(local.shared, index)}"
     return f"task-specific parameters (index, shape, dtype): {_signature([p for p, _ in local.specific], index)}"
@@ -604,6 +649,6 @@ _ADVICE = {
     "shared numel": "Every rank must train the same model with the same shared parameters.",
     "shared parameter shapes": "Every rank must train the same model with the same shared parameters.",
     "task-specific parameters": "Every task must reach the same parameters on every rank.",
-    "PCGrad generator state": "Pass the same seed= on every rank (or none: rank 0's is then shared), and load "
+    "generator state": "Pass the same seed= on every rank (or none: rank 0's is then shared), and load "
     "checkpoints on every rank.",
 }

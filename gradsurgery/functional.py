@@ -1,33 +1,32 @@
-"""Functional API: ``J (T, P) → d (P,)`` and ``G (T, T) → w (T,)``.
+"""Functional API: ``J (T, P) → d (P,)`` and ``G (T, T) → w (T,)``, for every method of the registry.
 
-Each ``J`` function is Gram → weights → combine: two passes over ``J`` and a ``T × T`` solve. The
-``*_weights`` functions take the Gram matrix directly. Keyword names and defaults match the wrappers.
+For each method with a ``function`` name there is ``<function>(J, ...)`` (Gram → weights → combine:
+two passes over ``J`` and a ``T × T`` solve) and ``<function>_weights(G, ...)``, which takes the Gram
+matrix directly. Keyword names and defaults are the wrappers' (the method's options, ``reduction``,
+``losses=`` for methods that read loss values, ``generator=`` for random ones, ``state=`` for stateful
+ones, which then return ``(d, state)`` / ``(w, state)``), plus ``out=`` and ``backend=``.
 
 Inputs are checked for NaN/Inf through the Gram matrix's diagonal (``T`` values, no extra pass over
-``J``, one host synchronisation; a second only when that diagonal is out of range; the wrappers with
-``nonfinite="propagate"`` have none). A non-finite input raises
-:class:`~gradsurgery.errors.NonFiniteGradientError` naming the tasks. A Gram matrix that overflowed
-or underflowed in fp32 although ``J`` is finite is recomputed with the rows scaled first (see
+``J``, one host synchronisation; a second only when that diagonal is out of range). A non-finite
+input raises :class:`~gradsurgery.errors.NonFiniteGradientError` naming exactly the tasks whose rows
+hold NaN/Inf. A Gram matrix that overflowed or underflowed in fp32 although ``J`` is finite is
+recomputed with the rows scaled first, and the combine then runs in fp64 (see
 :func:`gradsurgery.backend.gram`), so magnitudes from 1e-30 to 1e30 work in fp32.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Any, Callable
 
 import torch
 
 from . import backend as _backend
 from .errors import NonFiniteGradientError
-from .methods import cagrad as _cagrad
-from .methods import mgda as _mgda
-from .methods import pcgrad as _pcgrad
+from .methods import REGISTRY
 from .methods._common import check_gram, check_reduction
-from .methods._simplex import DEFAULT_ITERATIONS
-
-Losses = torch.Tensor | Sequence[float] | None
-
-__all__ = ["aggregate", "cagrad", "cagrad_weights", "gram", "mgda", "mgda_weights", "pcgrad", "pcgrad_weights"]
+from .methods.spec import Method
+from .pipeline import Target, aggregate as _aggregate
 
 
 def gram(J: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -46,120 +45,11 @@ def aggregate(
     """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``."""
     _check_J(J)
     _backend.check_backend(backend, J.device)
-    G, in_range = _backend.rescued(J, _backend.gram(J, backend=backend))
-    if not in_range:  # the common case reads G back once, in the rescue check
-        check_finite_gram(G)
-    w = weights_of(G)
+    G = _checked_gram(J, backend)
     if out is None:
         out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
-    # A Gram rescued in fp64: rows (and so weights) beyond what fp32 can multiply, combined in fp64.
-    wide = G.dtype == torch.float64 and J.dtype != torch.float64
-    return _backend.combine(w, J, out, backend=backend, wide=wide)
-
-
-def pcgrad(
-    J: torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    reduction: str = "sum",
-    out: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """PCGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.pcgrad`)."""
-    check_reduction(reduction)
-
-    def weights_of(G: torch.Tensor) -> torch.Tensor:
-        chains = _backend.solvers(backend, G).get("pcgrad")
-        return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction, chains=chains)
-
-    return aggregate(J, weights_of, out=out, backend=backend)
-
-
-def cagrad(
-    J: torch.Tensor,
-    *,
-    c: float = 0.4,
-    rescale: str | None = "1+c^2",
-    reduction: str = "sum",
-    max_iter: int = DEFAULT_ITERATIONS,
-    out: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """CAGrad update of the rows of ``J`` (see :mod:`gradsurgery.methods.cagrad`)."""
-    _cagrad.check_cagrad_options(c, rescale)
-    check_reduction(reduction)
-
-    def weights_of(G: torch.Tensor) -> torch.Tensor:
-        solve = _backend.solvers(backend, G).get("cagrad")
-        return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter, solve=solve)
-
-    return aggregate(J, weights_of, out=out, backend=backend)
-
-
-def mgda(
-    J: torch.Tensor,
-    *,
-    normalization: str = "none",
-    losses: Losses = None,
-    reduction: str = "sum",
-    max_iter: int = DEFAULT_ITERATIONS,
-    out: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """MGDA update of the rows of ``J`` (see :mod:`gradsurgery.methods.mgda`)."""
-    _mgda.check_normalization(normalization)
-    check_reduction(reduction)
-    if normalization in ("loss", "loss+") and losses is None:
-        raise ValueError(f'normalization="{normalization}" needs the loss values: pass losses=')
-
-    def weights_of(G: torch.Tensor) -> torch.Tensor:
-        solve = _backend.solvers(backend, G).get("mgda")
-        return _mgda.mgda_weights(
-            G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter, solve=solve
-        )
-
-    return aggregate(J, weights_of, out=out, backend=backend)
-
-
-def pcgrad_weights(
-    G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum", backend: str = "auto"
-) -> torch.Tensor:
-    """PCGrad weights from the Gram matrix (pass a generator on G's device: no copy, no sync)."""
-    _check_G(G)
-    chains = _backend.solvers(backend, G).get("pcgrad")
-    return _pcgrad.pcgrad_weights(G, generator=generator, reduction=reduction, chains=chains)
-
-
-def cagrad_weights(
-    G: torch.Tensor,
-    *,
-    c: float = 0.4,
-    rescale: str | None = "1+c^2",
-    reduction: str = "sum",
-    max_iter: int = DEFAULT_ITERATIONS,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """CAGrad weights from the Gram matrix."""
-    _check_G(G)
-    solve = _backend.solvers(backend, G).get("cagrad")
-    return _cagrad.cagrad_weights(G, c=c, rescale=rescale, reduction=reduction, max_iter=max_iter, solve=solve)
-
-
-def mgda_weights(
-    G: torch.Tensor,
-    *,
-    normalization: str = "none",
-    losses: Losses = None,
-    reduction: str = "sum",
-    max_iter: int = DEFAULT_ITERATIONS,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """MGDA weights from the Gram matrix."""
-    _check_G(G)
-    solve = _backend.solvers(backend, G).get("mgda")
-    return _mgda.mgda_weights(
-        G, normalization=normalization, losses=losses, reduction=reduction, max_iter=max_iter, solve=solve
-    )
+    _aggregate(J, [Target(slice(None), out)], weights_of, backend=backend, G=G)
+    return out
 
 
 def check_finite_gram(G: torch.Tensor) -> None:
@@ -182,6 +72,13 @@ def check_finite_gram(G: torch.Tensor) -> None:
     )
 
 
+def _checked_gram(J: torch.Tensor, backend: str) -> torch.Tensor:
+    G, in_range = _backend.rescued(J, _backend.gram(J, backend=backend))
+    if not in_range:  # the common case reads G back once, in the rescue check
+        check_finite_gram(G)
+    return G
+
+
 def _check_J(J: torch.Tensor) -> None:
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"J must be a torch.Tensor, got {type(J).__name__}")
@@ -194,11 +91,106 @@ def _check_J(J: torch.Tensor) -> None:
     if J.is_meta:
         raise ValueError("J is a meta tensor (shape only, no values): pass the task gradients themselves")
     if J.requires_grad:
-        raise ValueError(
-            "J requires grad: the functional API is not differentiable; pass J.detach() (the task gradients as data)"
-        )
+        raise ValueError("J requires grad: the functional API is not differentiable; pass J.detach() (the task gradients as data)")
 
 
 def _check_G(G: torch.Tensor) -> None:
     check_gram(G)
     check_finite_gram(G)
+
+
+# ---------------------------------------------------------------------- one pair per method
+
+
+def _extras(method: Method) -> list[str]:
+    """The keywords beyond the options that the method's functions take, besides reduction/backend."""
+    names = []
+    if method.reads_losses:
+        names.append("losses")
+    if method.random:
+        names.append("generator")
+    if method.state is not None:
+        names.append("state")
+    return names
+
+
+def _split(method: Method, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """kwargs → (checked options, extras for the weights function, reduction, backend)."""
+    reduction = kwargs.pop("reduction", "sum")
+    backend = kwargs.pop("backend", "auto")
+    check_reduction(reduction)
+    _backend.check_backend(backend)
+    extras = {name: kwargs.pop(name) for name in _extras(method) if name in kwargs}
+    options = method.checked(kwargs)
+    if "losses" in extras and not method.uses_losses(options):
+        extras.pop("losses")
+    return options, extras, reduction, backend
+
+
+def _weights(method: Method, G: torch.Tensor, options: dict[str, Any], extras: dict[str, Any], reduction: str, backend: str) -> Any:
+    if method.solve is not None:
+        extras = {**extras, "solve": _backend.solvers(backend, G).get(method.solve)}
+    if method.state is not None:
+        state = extras.pop("state", None)
+        if state is None:
+            state = method.state.init(G.shape[0], G.device)
+        return method.weights(G, reduction=reduction, **options, **extras, state=state)
+    return method.weights(G, reduction=reduction, **options, **extras)
+
+
+def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``<function>(J, ...)`` and ``<function>_weights(G, ...)`` for ``method``."""
+
+    def on_gram(G: torch.Tensor, **kwargs: Any) -> Any:
+        options, extras, reduction, backend = _split(method, kwargs)
+        _check_G(G)
+        if method.combine is not None:
+            raise TypeError(f"{method.name} is elementwise: it needs J, not the Gram matrix; call {method.function}(J)")
+        return _weights(method, G, options, extras, reduction, backend)
+
+    def on_rows(J: torch.Tensor, *, out: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        options, extras, reduction, backend = _split(method, kwargs)
+        _check_J(J)
+        _backend.check_backend(backend, J.device)
+        if out is None:
+            out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+        if method.combine is not None:
+            return method.combine(J, out=out, reduction=reduction, backend=backend, **options, **extras)
+        G = _checked_gram(J, backend)
+        state: list[Any] = []
+
+        def weights_of(G: torch.Tensor) -> torch.Tensor:
+            result = _weights(method, G, options, dict(extras), reduction, backend)
+            if method.state is not None:
+                result, new_state = result
+                state.append(new_state)
+            return result
+
+        _aggregate(J, [Target(slice(None), out)], weights_of, backend=backend, G=G)
+        return (out, state[0]) if state else out
+
+    parameters = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in method.options]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in _extras(method)]
+    parameters.append(inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="sum"))
+    tail = [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")]
+    out_parameter = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=None)
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    on_rows.__signature__ = inspect.Signature([inspect.Parameter("J", positional), *parameters, out_parameter, *tail])  # type: ignore[attr-defined]
+    on_gram.__signature__ = inspect.Signature([inspect.Parameter("G", positional), *parameters, *tail])  # type: ignore[attr-defined]
+    name = method.function
+    assert name is not None
+    on_rows.__name__ = on_rows.__qualname__ = name
+    on_gram.__name__ = on_gram.__qualname__ = f"{name}_weights"
+    summary = method.summary()
+    on_rows.__doc__ = f"{method.name} update of the rows of ``J`` (see :mod:`gradsurgery.methods`): {summary}"
+    on_gram.__doc__ = f"{method.name} weights from the Gram matrix ``G``: {summary}"
+    return on_rows, on_gram
+
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {}
+for _method in REGISTRY:
+    if _method.function is not None:
+        _FUNCTIONS[_method.function], _FUNCTIONS[f"{_method.function}_weights"] = _pair(_method)
+globals().update(_FUNCTIONS)
+
+__all__ = ["aggregate", "check_finite_gram", "gram", *sorted(_FUNCTIONS)]

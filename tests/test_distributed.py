@@ -237,7 +237,7 @@ BAD_INPUT = {
     "shared-set": "disagree on the number of shared parameters",
     "shapes": "disagree on the shared numel",
     "sync-differs": "disagree on the method and options",
-    "seed-differs": "disagree on the PCGrad generator state",
+    "seed-differs": "disagree on the generator state",
     "zero-grad-differs": "disagree on the accumulation state",
     "unknown-sync": "sync must be one of",
 }

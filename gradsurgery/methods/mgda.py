@@ -37,6 +37,7 @@ import torch
 from ._common import as_losses, check_gram, check_reduction, normalized, symmetric64, to_reduction
 from . import _supports
 from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
+from .spec import Method, Option, one_of, positive_int
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -135,3 +136,18 @@ def _min_norm(G: torch.Tensor, max_iter: int) -> torch.Tensor:
         return LocalModel(grad, G2, slope)
 
     return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)
+
+
+METHOD = Method(
+    name="MGDA",
+    function="mgda",
+    weights=mgda_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("normalization", "none", one_of("normalization", NORMALIZATIONS), "what divides each gradient before α is chosen"),
+        Option("max_iter", DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the interior-point solve (T > 10, and the Triton solve)"),
+    ),
+    reads_losses=lambda options: options["normalization"] in ("loss", "loss+"),
+    solve="mgda",
+)

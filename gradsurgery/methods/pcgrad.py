@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from ._common import check_gram, check_reduction, symmetric64, to_reduction
+from .spec import Method
 
 BIBTEX = """@inproceedings{yu2020gradient,
   title     = {Gradient Surgery for Multi-Task Learning},
@@ -76,12 +77,12 @@ def pcgrad_weights(
     *,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
-    chains: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Weights ``w = Σ_i c_i`` (float64, on G's device) with ``d = wᵀJ`` the PCGrad update.
 
-    ``chains(G, orders)`` computes ``Σ_i c_i`` (default: :func:`pcgrad_coefficients`, summed); the
-    backend passes the fused kernel here. The generator should live on G's device: drawing on another
+    ``solve(G, orders)`` runs the chains and returns ``Σ_i c_i`` (default: :func:`pcgrad_coefficients`,
+    summed); the backend passes the fused kernel here. The generator should live on G's device: drawing on another
     device and copying over would synchronise.
     """
     check_gram(G)
@@ -89,7 +90,7 @@ def pcgrad_weights(
     if G.shape[0] == 2:  # a single order: nothing to draw, and a closed form
         return to_reduction(_two_tasks(G), reduction)
     orders = random_orders(G.shape[0], generator=generator, device=G.device)
-    w = pcgrad_coefficients(G, orders).sum(dim=0) if chains is None else chains(G, orders)
+    w = pcgrad_coefficients(G, orders).sum(dim=0) if solve is None else solve(G, orders)
     return to_reduction(w, reduction)
 
 
@@ -101,3 +102,14 @@ def _two_tasks(G: torch.Tensor) -> torch.Tensor:
     squared_norms = G.diagonal()
     removed = (G[0, 1] + G[1, 0]).clamp(max=0) / (2 * squared_norms)
     return 1.0 - torch.where(squared_norms > 0, removed, 0.0)
+
+
+METHOD = Method(
+    name="PCGrad",
+    function="pcgrad",
+    weights=pcgrad_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    random=True,
+    solve="pcgrad",
+)

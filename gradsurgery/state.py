@@ -1,0 +1,93 @@
+"""What a wrapper carries from one ``backward`` to the next, as two explicit objects shared by the
+single-process path (``optim``) and ``torch.distributed`` (``distributed``):
+
+- :class:`Layout`: what it knows of the model — which parameters are shared, the buffer of their
+  task gradients, the number of tasks;
+- :class:`Accumulation`: what it has accumulated since the gradients were last cleared, and what it
+  left in the shared ``.grad`` (a change by anyone else starts a new accumulation: see
+  :mod:`gradsurgery.grads`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .grads import Written
+from .sharing import Sharing
+from .taskgrads import SharedBuffer
+
+
+@dataclass
+class Layout:
+    """The shared parameters and their buffer, for the current number of tasks."""
+
+    explicit_shared: set[int] | None  # id of each parameter listed in shared=, or None: detected
+    engine: str  # "loop", "batched" or "auto" (which becomes "batched" once vmap ran the graph)
+    sharing: Sharing | None = None
+    buffer: SharedBuffer | None = None
+    num_tasks: int | None = None  # T of the last backward, or of a loaded checkpoint
+    checkpoint_tasks: int | None = None  # T of a loaded checkpoint, until a backward agrees
+    unreached_checked: frozenset[int] = frozenset()  # the unreached parameters already looked into
+
+    def ensure_buffer(self, shared: list[torch.Tensor], num_tasks: int, storage_dtype: torch.dtype | None) -> SharedBuffer:
+        buffer = self.buffer
+        if buffer is None or buffer.num_tasks != num_tasks or buffer.param_ids != frozenset(id(p) for p in shared):
+            buffer = self.buffer = SharedBuffer(shared, num_tasks, storage_dtype=storage_dtype)
+        return buffer
+
+
+@dataclass
+class Accumulation:
+    """The ``backward`` calls since the gradients were last cleared."""
+
+    tasks: int | None = None  # their number of tasks (None: nothing accumulated)
+    losses: torch.Tensor | None = None  # their summed loss values (methods that read them)
+    reached: set[int] = field(default_factory=set)  # id of each shared parameter some task reached
+    written: Written | None = None  # what was left in the shared .grad
+    skip: bool = False  # the next step() is skipped (nonfinite="skip")
+    unstepped: bool = False  # gradients were written that no step() has used yet
+
+    def continues(self) -> bool:
+        """Whether the next ``backward`` adds to these calls: nothing cleared or changed the shared
+        ``.grad`` since (``zero_grad()`` on the wrapper, the inner optimizer or the model, clipping,
+        unscaling...). Otherwise the accumulation is over."""
+        if self.tasks is None:
+            return False
+        if self.written is not None and not self.written.untouched():
+            self.tasks = None
+            return False
+        return True
+
+    def clear(self) -> None:
+        """``zero_grad()``: nothing accumulated, no step to skip."""
+        self.tasks = None
+        self.losses = None
+        self.skip = False
+        self.unstepped = False
+
+    def start(self) -> None:
+        """A new accumulation (the gradients were cleared or changed): nothing reached, no step to skip."""
+        self.losses = None
+        self.reached = set()
+        self.skip = False
+
+    def add(self, num_tasks: int, losses: torch.Tensor | None, reached: set[int]) -> None:
+        """One more ``backward`` of ``num_tasks`` losses, about to be written."""
+        if losses is not None:
+            self.losses = losses if self.losses is None else self.losses + losses
+        self.tasks = num_tasks
+        self.reached |= reached
+        self.unstepped = True
+
+    def skipped(self, num_tasks: int) -> None:
+        """A batch was refused (``nonfinite="skip"``): the step is skipped, and a batch that opens an
+        accumulation keeps it open, so that later batches before the step do not unskip it."""
+        if self.tasks is None:
+            self.start()
+            self.tasks = num_tasks
+        self.skip = True
+
+    def wrote(self, buffer: SharedBuffer | None) -> None:
+        self.written = None if buffer is None else Written.of(buffer.params)
