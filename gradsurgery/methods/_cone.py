@@ -65,23 +65,29 @@ _TO_BOUNDARY = 0.99
 _FLOOR = 1e-30
 
 
-def project(G: torch.Tensor, U: torch.Tensor, *, max_iter: int = DEFAULT_ITERATIONS) -> torch.Tensor:
+def project(
+    G: torch.Tensor, U: torch.Tensor, *, ridge: float = 0.0, max_iter: int = DEFAULT_ITERATIONS
+) -> torch.Tensor:
     """``V`` ``(K, T)`` with ``V[k] = argmin_{v ≥ U[k]} vᵀGv``.
 
     ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside); ``U``: float64 ``(K, T)``.
-    Exact up to ``MAX_TASKS`` tasks; beyond, the interior point
-    (``max_iter`` iterations) and its exact finish. A non-finite ``G`` or ``U`` gives NaN rows.
+    Exact up to ``MAX_TASKS`` tasks; beyond, the interior point (``max_iter`` iterations) and its exact
+    finish. A non-finite ``G`` or ``U`` gives NaN rows.
+
+    ``ridge = η > 0`` solves ``vᵀ(G + η·diag(G))v`` instead: the projection onto the slightly larger cone
+    ``{d : g_tᵀd ≥ −η‖g_t‖²v_t}`` (each gradient given a private orthogonal component of relative length
+    ``√η``), whose weights stay below ``~‖u‖/√η`` however nearly dependent the gradients are.
     """
     with torch.inference_mode():
-        V = _project(G, U, max_iter)
+        V = _project(G, U, ridge, max_iter)
     return V.clone()  # an ordinary tensor again, usable outside inference mode
 
 
-def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
     """``‖min(μ, g)‖_∞`` per row ``(K,)`` in the scaled problem that ``project`` solves (``μ = D⁻¹(V − U)``,
     ``g = DGV``, each row divided by ``U``'s largest scaled entry); 0 exactly at the minimisers, and it
     counts ``μ < 0`` (``V`` below ``U``) as a violation too."""
-    Gs, scale = _scaled(G)
+    Gs, scale = _scaled(G, ridge)
     Us = U / scale
     size = Us.abs().amax(dim=1, keepdim=True)
     size = torch.where(size > 0, size, 1.0)
@@ -89,8 +95,8 @@ def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch
     return torch.maximum(_residual(Gs, Us / size, mu.clamp_min(0)), (-mu).clamp_min(0).amax(dim=-1))
 
 
-def _project(G: torch.Tensor, U: torch.Tensor, max_iter: int) -> torch.Tensor:
-    Gs, scale = _scaled(G)
+def _project(G: torch.Tensor, U: torch.Tensor, ridge: float, max_iter: int) -> torch.Tensor:
+    Gs, scale = _scaled(G, ridge)
     Us = U / scale
     size = Us.abs().amax(dim=1, keepdim=True)
     size = torch.where(size > 0, size, 1.0)
@@ -104,11 +110,14 @@ def _project(G: torch.Tensor, U: torch.Tensor, max_iter: int) -> torch.Tensor:
     return torch.where(G.isfinite().all() & U.isfinite().all(dim=1, keepdim=True), V, float("nan"))
 
 
-def _scaled(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``DGD`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal."""
+def _scaled(G: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DGD + ηI`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal."""
     diagonal = G.diagonal()
     scale = torch.where(diagonal > 0, diagonal.rsqrt(), 1.0)
-    return G * torch.outer(scale, scale), scale
+    Gs = G * torch.outer(scale, scale)
+    if ridge:
+        Gs.diagonal().add_(ridge)
+    return Gs, scale
 
 
 def _residual(Gs: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

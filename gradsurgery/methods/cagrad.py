@@ -4,9 +4,25 @@ With ``g0 = (1/T)Σ_t g_t``, ``b = G·1/T`` and ``φ = c·‖g0‖ = c·sqrt(1�
 
     w* = argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)        (= g_wᵀg0 + φ‖g_w‖,  g_w = Σ_t w_t g_t)
 
-and return ``d = (g0 + λ·g_{w*}) / rescale`` with ``λ = φ / ‖g_{w*}‖`` (0 when that norm is 0), put on the
-sum scale (``×T``): ``w_t = (1 + T·λ·w*_t) / rescale``. ``rescale`` is ``1 + c²`` (the official code's
-default), ``1 + c`` or ``None`` (1). ``c = 0`` is exactly naive summation.
+and return ``d = (g0 + λ·g_{w*}) / rescale`` with ``λ = φ / ‖g_{w*}‖``, put on the sum scale (``×T``):
+``w_t = (1 + T·λ·w*_t) / rescale``. ``rescale`` is ``1 + c²`` (the official code's default), ``1 + c`` or
+``None`` (1). ``c = 0`` is exactly naive summation.
+
+``g0 + λ·g_{w*}`` solves CAGrad's primal problem ``max_d min_t g_tᵀd`` s.t. ``‖d − g0‖ ≤ φ``, whose value
+is the dual optimum ``F*``. **When** ``g_{w*} = 0`` (0 is in the convex hull of the gradients and nothing
+in it descends along ``−g0``: always for ``c ≥ 1`` once 0 is in the hull), ``λ`` is undefined, or, with
+``‖g_{w*}‖`` computed as rounding noise, ~1e15 and ``d`` cancellation noise outside the ball. There
+``F* = 0`` and every ``d`` in the ball that conflicts with no task (``d ∈ K``, the dual cone) is
+primal-optimal; ``K`` meets the ball (strong duality), so the projection ``p`` of ``g0`` onto ``K`` is one.
+So when ``‖g_{w*}‖² ≤ η·max_t‖g_t‖²``, ``η = (T·ε)^(2/3)`` (``ε`` of G's dtype: below it ``‖g_{w*}‖`` is
+not resolved from G's rounding, see ``_unless_degenerate``), the update is ``d = g0 + min(1, φ/r)·(p − g0)``,
+``r = ‖p − g0‖``: ``p`` itself whenever it is in the ball, then divided by ``rescale`` and put on the sum
+scale like the dual formula's (``w = (1 + min(1, φ/r)·(T·v − 1)) / rescale`` with ``p = Jᵀv``). It is
+primal-optimal to ``(T·ε)^(1/3)`` relative (``F*`` is within ``‖g_{w*}‖·(φ + ‖g0‖)`` of 0), finite, feasible
+and scale-invariant in the weights. ``p`` can be outside the ball only if ``F* < 0`` with ``‖g_{w*}‖`` below
+the threshold (``c < 1`` and a hull that nearly touches 0, an ill-conditioned problem): the update is then
+the feasible point toward ``K``, not certified optimal. The official code divides by ``‖g_{w*}‖`` unguarded
+(NaN at ``g_{w*} = 0``); its dual solver's tolerance makes the noise regime wider.
 
 ``c = 0.4`` is the value of the official NYUv2 and Cityscapes runs. ``T = 2`` is solved in closed form
 (a one-dimensional convex problem: the stationary point of ``f(u)``, ``w = (u, 1 − u)``, clipped to
@@ -26,7 +42,7 @@ from typing import Callable
 import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
-from . import _supports
+from . import _cone, _supports
 from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
 
 RESCALES = ("1+c^2", "1+c", None)
@@ -79,10 +95,47 @@ def cagrad_weights(
     else:
         # The interior point (the fused kernel's or the one here), finished exactly on its support.
         w_star = _supports.polish_cagrad_dual(Gn, b, phi, (solve or _solve)(Gn, b, phi, max_iter))
-    norm = (w_star @ Gn @ w_star).clamp_min(0).sqrt()
+    norm_sq = (w_star @ Gn @ w_star).clamp_min(0)
+    norm = norm_sq.sqrt()
     lam = torch.where(norm > 0, phi / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    weights = 1 + T * lam * w_star  # d = g0 + λ·g_w*, on the sum scale
+    if c > 0:  # c = 0 stays exactly naive summation
+        weights = _unless_degenerate(weights, Gn, phi, norm_sq, rounding=torch.finfo(G.dtype).eps, max_iter=max_iter)
     divisor = {"1+c^2": 1 + c**2, "1+c": 1 + c, None: 1.0}[rescale]
-    return to_reduction((1 + T * lam * w_star) / divisor, reduction)
+    return to_reduction(weights / divisor, reduction)
+
+
+def _unless_degenerate(
+    weights: torch.Tensor, G: torch.Tensor, phi: torch.Tensor, norm_sq: torch.Tensor, *, rounding: float, max_iter: int
+) -> torch.Tensor:
+    """``weights`` (the dual formula's, sum scale), or, where ``‖g_w*‖`` is rounding noise, those of
+    ``d = g0 + min(1, φ/r)·(p − g0)`` with ``p`` the projection of ``g0`` onto the dual cone and
+    ``r = ‖p − g0‖`` (see the module docstring). ``G`` is normalised (largest diagonal 1, or 0).
+
+    ``‖g_w*‖² = w*ᵀGw*`` sums ``T²`` entries of ``G`` rounded at ``ε`` (of ``G``'s dtype) weighted by
+    ``w* ∈ Δ``: it is known to about ``T·ε``, so the dual formula's ``‖d − g0‖ = λ‖g_w*‖ = φ`` holds only
+    to a relative ``T·ε/‖g_w*‖²`` (and its value ``min_t g_tᵀd`` degrades likewise), while the projection
+    is primal-optimal to within ``|F*| ≤ ‖g_w*‖·(φ + ‖g0‖)``. Switching at ``‖g_w*‖² = η = (T·ε)^(2/3)``
+    balances the two at ``(T·ε)^(1/3)`` relative: ``‖g_w*‖ ≈ 1e-5·max‖g_t‖`` in float64, ``7e-3·max‖g_t‖``
+    for an fp32 Gram matrix. Any point of the cone inside the ball is primal-optimal there, so ``p`` is
+    the projection with a ridge ``η_p = max(T·ε, 1e-10)`` (``_cone.project``): it may conflict by
+    ``η_p·v_t`` relative (~1e-9 measured), and its weights ``v`` stay below ``~1/√η_p`` where the exact
+    projection's grow without bound (nearly opposite gradients), which a combination in the gradients'
+    own precision could not resolve. The floor is for fp32 gradients, which come with an fp64 Gram matrix
+    when their squares leave fp32's range (``backend.rescued``): weights below ``1e5`` keep an fp32
+    combination's cancellation (``ε·Σ_t|w_t|‖g_t‖``) under ``1e-2`` of the largest gradient."""
+    T = G.shape[0]
+    eta = (T * rounding) ** (2 / 3)
+    uniform = torch.full((1, T), 1.0 / T, dtype=G.dtype, device=G.device)
+    ridge = max(T * rounding, 1e-10)
+    away = _cone.project(G, uniform, ridge=ridge, max_iter=max_iter)[0] - 1.0 / T  # p − g0, in weights
+    distance_sq = (away @ G @ away).clamp_min(0)
+    # min(1, φ/r): all the way to p when it is inside the ball (then it is primal-optimal), else as far
+    # as the ball allows (finite and feasible; see the module docstring for when that happens).
+    inside = distance_sq <= phi * phi
+    fraction = torch.where(inside, 1.0, phi / torch.where(inside, 1.0, distance_sq.sqrt()))
+    projected = torch.addcmul(torch.ones_like(weights), fraction * T, away)
+    return torch.where(norm_sq <= eta * G.diagonal().amax(), projected, weights)
 
 
 def cagrad_objective(w: torch.Tensor, G: torch.Tensor, c: float) -> torch.Tensor:
