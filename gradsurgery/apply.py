@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .grads import accumulate_plain
-from .pipeline import Target
+from .pipeline import PlainSpan, Target
 from .prepare import Prepared, PreparedGradients
 from .state import Accumulation, Layout
 from .taskgrads import SharedBuffer
@@ -50,9 +50,9 @@ def targets(buffer: SharedBuffer) -> list[Target]:
     return [Target(columns, update, base) for (columns, update), base in zip(buffer.groups, bases)]
 
 
-def count(prepared: Prepared, layout: Layout, accumulation: Accumulation, reached: set[int]) -> None:
+def count(prepared: Prepared, layout: Layout, accumulation: Accumulation, reach: dict[int, int]) -> None:
     """One more ``backward`` in the accumulation (before the surgery, which reads the summed losses)."""
-    accumulation.add(prepared.num_tasks, prepared.loss_values, reached)
+    accumulation.add(prepared.num_tasks, prepared.loss_values, reach)
     layout.num_tasks = prepared.num_tasks
     layout.checkpoint_tasks = None
 
@@ -60,5 +60,20 @@ def count(prepared: Prepared, layout: Layout, accumulation: Accumulation, reache
 def attach(buffer: SharedBuffer, accumulation: Accumulation) -> None:
     """The shared ``.grad`` that some task reached become views of the update; the wrapper remembers
     what it left there."""
-    buffer.attach_grads(frozenset(accumulation.reached))
+    buffer.attach_grads(frozenset(accumulation.reach))
     accumulation.wrote(buffer)
+
+
+def plain_spans(buffer: SharedBuffer, accumulation: Accumulation, start: int = 0, stop: int | None = None) -> list[PlainSpan]:
+    """The columns of the shared parameters that a single task reached in this accumulation (a
+    routed layer, a branch taken by one task on this step), as ``(task, columns)`` within
+    ``[start, stop)`` of the buffer, shifted to start at 0: they get that task's plain gradient."""
+    stop = buffer.numel if stop is None else stop
+    spans = []
+    for p, columns in zip(buffer.params, buffer.columns):
+        mask = accumulation.reach.get(id(p), 0)
+        if mask and not mask & (mask - 1):  # exactly one bit: one task
+            a, b = max(columns.start, start), min(columns.stop, stop)
+            if a < b:
+                spans.append(PlainSpan(mask.bit_length() - 1, slice(a - start, b - start)))
+    return spans

@@ -30,8 +30,11 @@ per-task gradients, then:
 ``int64`` tensor of 14 values): whether the local preparation raised, a call counter, a hash of the
 method and its options (``sync`` included), ``T``, the representation-mode flag, whether the rank is
 accumulating, the number, size and hash of the shapes of the shared parameters, a hash of the
-task-specific parameters, a hash of PCGrad's generator state and the number of tasks whose local
-gradients may hold NaN/Inf (a non-finite 2-norm; confirmed exactly, on the rare path). Every rank sees
+task-specific parameters, a hash of the method's generator state (PCGrad, RLW, GradVac, GradDrop), the
+number of tasks whose local gradients may hold NaN/Inf (a non-finite 2-norm; confirmed exactly, on the
+rare path) and the number of shared parameters that fewer than two tasks reach on this rank (then, in
+``exact`` and ``sharded``, an all-reduce of which tasks reach each shared parameter decides, over all
+ranks, which of them get a single task's plain gradient on this step). Every rank sees
 the same table, so every rank raises the same error on a disagreement (``ValueError``), on an
 exception in one rank's preparation (re-raised there; reported on the others), or on a non-finite
 gradient anywhere (:class:`~gradsurgery.NonFiniteGradientError` naming the tasks and the ranks) — and
@@ -87,7 +90,7 @@ _FIELDS = (
     "task-specific parameters",
     "generator state",
     "non-finite tasks",
-    "reserved",
+    "partly reached shared parameters",
 )
 _COMPARED = _FIELDS[2:12]
 _warned_fallback: set[str] = set()
@@ -333,6 +336,9 @@ class DistributedSync:
                 details = self._all_gather_objects(_details(call, local, name, self))
                 listing = "; ".join(f"rank {r}: {d}" for r, d in enumerate(details))
                 raise ValueError(f"the ranks disagree on the {name} ({listing}). {_ADVICE[name]}")
+        if self.sync != "local" and any(row["partly reached shared parameters"] for row in table):
+            assert local is not None and local.prepared.parameters is not None
+            self._global_reach(local.prepared.parameters, device)
         if any(row["non-finite tasks"] for row in table):
             assert local is not None and local.prepared.parameters is not None and local.suspects is not None
             T = local.prepared.num_tasks
@@ -355,6 +361,22 @@ class DistributedSync:
             call.accumulation.skipped(T)
             raise _Skip
 
+    def _global_reach(self, grads: PreparedGradients, device: torch.device) -> None:
+        """Which tasks reach each shared parameter, over all ranks (a task reaching it on any rank has a
+        non-zero row in the averaged buffer): one all-reduce (max) of a (parameters × T) table."""
+        buffer = grads.buffer
+        assert buffer is not None
+        T = buffer.num_tasks
+        table = torch.tensor(
+            [[(grads.reach_masks.get(id(p), 0) >> t) & 1 for t in range(T)] for p in buffer.params],
+            dtype=torch.int32,
+            device=device,
+        )
+        self.stats.add("all_reduce", table.numel() * table.element_size(), self.world)
+        dist.all_reduce(table, op=dist.ReduceOp.MAX, group=self.group)
+        masks = [sum(bit << t for t, bit in enumerate(row)) for row in table.tolist()]
+        grads.reach_masks = {id(p): mask for p, mask in zip(buffer.params, masks) if mask}
+
     def _descriptor(self, call: BackwardCall, local: _Local | None) -> list[int]:
         values = dict.fromkeys(_FIELDS, 0)
         values["protocol"] = _PROTOCOL
@@ -374,6 +396,9 @@ class DistributedSync:
         values["shared numel"] = sum(p.numel() for p in shared)
         values["shared parameter shapes"] = _hash(repr(_signature(shared, index)))
         values["task-specific parameters"] = _hash(repr(_signature([p for p, _ in specific], index)))
+        if prepared.parameters is not None:
+            masks = prepared.parameters.reach_masks
+            values["partly reached shared parameters"] = sum(bin(masks.get(id(p), 0)).count("1") < 2 for p in shared)
         return list(values.values())
 
     # ------------------------------------------------------------------ the three modes
@@ -404,7 +429,7 @@ class DistributedSync:
                     works.append(work)
             _wait(works)
         prepared.loss_values = loss_values
-        _apply.count(prepared, call.layout, call.accumulation, grads.reached_shared)
+        _apply.count(prepared, call.layout, call.accumulation, grads.reach_masks)
         rescue = call.options.nonfinite != "propagate"
         weights_of = call.weights_of(call.accumulation.losses)
         if buffer is not None:
@@ -412,7 +437,13 @@ class DistributedSync:
                 result = self._sharded_surgery(call, buffer, owned, weights_of)
             else:
                 result = aggregate(
-                    buffer.matrix, _apply.targets(buffer), weights_of, backend=call.options.backend, rescue=rescue, elementwise=call.elementwise
+                    buffer.matrix,
+                    _apply.targets(buffer),
+                    weights_of,
+                    backend=call.options.backend,
+                    rescue=rescue,
+                    elementwise=call.elementwise,
+                    plain=_apply.plain_spans(buffer, call.accumulation),
                 )
                 if self.sync == "local":
                     more, sums = self._mean_bucketed(sums)
@@ -487,6 +518,7 @@ class DistributedSync:
             rescue=call.options.nonfinite != "propagate",
             reduce_gram=reduce_gram,
             elementwise=call.elementwise,
+            plain=_apply.plain_spans(buffer, call.accumulation, shard.start, shard.stop),
         )
         self._all_gather(shard.gathered, shard.update).wait()
         for target in _apply.targets(buffer):

@@ -348,7 +348,7 @@ class GradSurgery(torch.optim.Optimizer):
         if accumulate:
             _apply.add_rows(grads)
         _apply.write_specific(grads.specific)
-        _apply.count(prepared, self._layout, self._accumulation, grads.reached_shared)
+        _apply.count(prepared, self._layout, self._accumulation, grads.reach_masks)
         if buffer is None:
             self.last_gram = self.last_weights = None
             self._accumulation.wrote(None)
@@ -361,6 +361,7 @@ class GradSurgery(torch.optim.Optimizer):
             G=G,
             rescue=self.nonfinite != "propagate",
             elementwise=self._elementwise(),
+            plain=_apply.plain_spans(buffer, self._accumulation),
         )
         _apply.attach(buffer, self._accumulation)
         self._record(result)

@@ -26,6 +26,13 @@ class Target(NamedTuple):
     base: torch.Tensor | None = None
 
 
+class PlainSpan(NamedTuple):
+    """Columns of ``J`` that only ``task`` reaches: left out of the Gram matrix, given the plain row."""
+
+    task: int
+    columns: slice
+
+
 class Aggregate(NamedTuple):
     gram: torch.Tensor
     weights: torch.Tensor | None  # None for an elementwise method
@@ -41,6 +48,7 @@ def aggregate(
     rescue: bool = False,
     reduce_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
     elementwise: Elementwise | None = None,
+    plain: list[PlainSpan] = (),  # type: ignore[assignment]
 ) -> Aggregate:
     """``out = base + wᵀJ[:, columns]`` for each target, ``w = weights_of(G)`` and ``G = J Jᵀ``.
 
@@ -49,12 +57,21 @@ def aggregate(
     what makes the local Gram matrix the global one (distributed training). A Gram matrix recomputed
     in fp64 means rows whose magnitudes fp32 cannot multiply together: so are the weights, and the
     combine runs in fp64 too. ``elementwise`` replaces the weights and the combine.
+
+    ``plain``: columns that a single task reaches. They are not shared on this step, so they take no
+    part in the surgery: their squared norms leave that task's diagonal entry of ``G`` (their other
+    rows are zero, so nothing else changes) and their update is that task's row, as is.
     """
     if G is None:
         G = _backend.gram(J, backend=backend)
         if rescue:
             G = _backend.rescued(J, G)[0]
     wide = G.dtype == torch.float64 and J.dtype != torch.float64
+    if plain:
+        G = G.clone()
+        diagonal = G.diagonal()
+        for span in plain:
+            diagonal[span.task] -= torch.linalg.vector_norm(J[span.task, span.columns], dtype=G.dtype) ** 2
     if reduce_gram is not None:
         G = reduce_gram(G)
     if elementwise is not None:
@@ -62,13 +79,28 @@ def aggregate(
             elementwise(J[:, target.columns], target.out)
             if target.base is not None:
                 target.out.add_(target.base)
-        return Aggregate(G, None)
-    assert weights_of is not None
-    w = weights_of(G)
-    for target in targets:
-        if target.base is not None:
-            target.out.copy_(target.base)
-        _backend.combine(
-            w, J[:, target.columns], target.out, accumulate=target.base is not None, backend=backend, validate=False, wide=wide
-        )
+        w = None
+    else:
+        assert weights_of is not None
+        w = weights_of(G)
+        for target in targets:
+            if target.base is not None:
+                target.out.copy_(target.base)
+            _backend.combine(
+                w, J[:, target.columns], target.out, accumulate=target.base is not None, backend=backend, validate=False, wide=wide
+            )
+    for span in plain:
+        _keep_row(J, targets, span)
     return Aggregate(G, w)
+
+
+def _keep_row(J: torch.Tensor, targets: list[Target], span: PlainSpan) -> None:
+    """The update of ``span``'s columns ← its task's row (plus the target's base)."""
+    for target in targets:
+        start, stop = target.columns.start or 0, J.shape[1] if target.columns.stop is None else target.columns.stop
+        a, b = max(span.columns.start, start), min(span.columns.stop, stop)
+        if a < b:
+            out = target.out[a - start : b - start]
+            out.copy_(J[span.task, a:b])
+            if target.base is not None:
+                out.add_(target.base[a - start : b - start])

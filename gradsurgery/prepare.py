@@ -46,7 +46,7 @@ class PreparedGradients:
     buffer: SharedBuffer | None  # the shared parameters' buffer (None: nothing is shared)
     rows_written: bool  # the buffer's rows already hold this call's gradients (those it knew of)
     sharing: Sharing
-    reached_shared: set[int]  # id of each shared parameter some task reached on this call
+    reach_masks: dict[int, int]  # id of each shared parameter some task reached on this call → bitmask of those tasks
 
 
 @dataclass
@@ -187,11 +187,12 @@ def task_gradients_of(
     ]
     specific: SpecificGradients = []
     specific_tasks: list[list[int]] = []
-    reached_shared: set[int] = set()
+    reach_masks: dict[int, int] = {}
     for i, (pid, column) in enumerate(zip(ids, zip(*specific_reach))):
         if pid in shared_ids:
-            if any(column):
-                reached_shared.add(pid)
+            mask = sum(1 << t for t, hit in enumerate(column) if hit)
+            if mask:
+                reach_masks[pid] = mask
             continue
         kept = [(t, recomputed.get((t, i)) if pid in consumed else grads.grads[t][i]) for t, hit in enumerate(column) if hit]
         kept = [(t, g) for t, g in kept if g is not None]
@@ -199,7 +200,7 @@ def task_gradients_of(
             specific.append((params[i], [g for _, g in kept]))
             specific_tasks.append([t for t, _ in kept])
     shared = buffer.params if buffer is not None else []
-    return PreparedGradients(grads.grads, shared, shared_rows, specific, specific_tasks, buffer, rows_written, sharing, reached_shared)
+    return PreparedGradients(grads.grads, shared, shared_rows, specific, specific_tasks, buffer, rows_written, sharing, reach_masks)
 
 
 def _buffer_for(

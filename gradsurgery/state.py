@@ -44,7 +44,9 @@ class Accumulation:
 
     tasks: int | None = None  # their number of tasks (None: nothing accumulated)
     losses: torch.Tensor | None = None  # their summed loss values (methods that read them)
-    reached: set[int] = field(default_factory=set)  # id of each shared parameter some task reached
+    # id of each shared parameter some task reached → bitmask of the tasks that did: one reached by a
+    # single task gets that task's plain gradient (gradsurgery.apply.plain_spans)
+    reach: dict[int, int] = field(default_factory=dict)
     written: Written | None = None  # what was left in the shared .grad
     skip: bool = False  # the next step() is skipped (nonfinite="skip")
     unstepped: bool = False  # gradients were written that no step() has used yet
@@ -70,15 +72,16 @@ class Accumulation:
     def start(self) -> None:
         """A new accumulation (the gradients were cleared or changed): nothing reached, no step to skip."""
         self.losses = None
-        self.reached = set()
+        self.reach = {}
         self.skip = False
 
-    def add(self, num_tasks: int, losses: torch.Tensor | None, reached: set[int]) -> None:
+    def add(self, num_tasks: int, losses: torch.Tensor | None, reach: dict[int, int]) -> None:
         """One more ``backward`` of ``num_tasks`` losses, about to be written."""
         if losses is not None:
             self.losses = losses if self.losses is None else self.losses + losses
         self.tasks = num_tasks
-        self.reached |= reached
+        for pid, mask in reach.items():
+            self.reach[pid] = self.reach.get(pid, 0) | mask
         self.unstepped = True
 
     def skipped(self, num_tasks: int) -> None:

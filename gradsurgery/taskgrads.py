@@ -225,6 +225,11 @@ class SharedBuffer:
     def num_tasks(self) -> int:
         return self.matrix.shape[0]
 
+    @property
+    def columns(self) -> list[slice]:
+        """Each parameter's columns of the matrix (in ``params`` order)."""
+        return self._columns
+
     def write(self, task: int, grads: dict[int, torch.Tensor], *, accumulate: bool, zero_missing: bool = True) -> None:
         """Row ``task`` ← (or +=) the given gradients, keyed by id(parameter); a missing one counts as
         zero (``zero_missing=False``: its entries are left as they are)."""

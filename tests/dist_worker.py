@@ -290,6 +290,50 @@ def check_bad_input(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+class Routed(nn.Module):
+    """A trunk and three experts; each task reads one expert, chosen per rank and step (a routed layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 6)
+        self.experts = nn.ParameterList(nn.Parameter(torch.randn(6)) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(TASKS))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, routes: tuple[int, ...]) -> list[torch.Tensor]:
+        z = torch.tanh(self.trunk(x))
+        return [((head(z + self.experts[e]).squeeze(-1) - y[:, t]) ** 2).mean() for t, (head, e) in enumerate(zip(self.heads, routes))]
+
+
+def routes(rank: int, step: int) -> tuple[int, ...]:
+    """Step 0: expert 0 shared by tasks 0 and 1 everywhere; later steps: which tasks read an expert
+    differs between ranks, so only all ranks together say whether it is shared on that step."""
+    table = {0: [(0, 0, 1)], 1: [(1, 2, 1), (2, 2, 2)], 2: [(0, 1, 2), (2, 1, 1)]}[step % 3]
+    return table[rank % len(table)]
+
+
+def train_routed(rank: int, world: int, method: str, sync: str) -> dict[str, Any]:
+    model = Routed()
+    opt = make_wrapper(method, model, sync, shared=[*model.trunk.parameters(), *model.experts])
+    for step in range(STEPS):
+        opt.zero_grad()
+        opt.backward(model.losses(*batch(rank, step), routes(rank, step)))
+        opt.step()
+    return {"params": _params(model)}
+
+
+def reference_routed(method: str, world: int) -> nn.Module:
+    """Single process: every task's loss is the mean of the ranks' losses, each with its own routes."""
+    model = Routed()
+    opt = make_wrapper(method, model, shared=[*model.trunk.parameters(), *model.experts])
+    for step in range(STEPS):
+        opt.zero_grad()
+        per_rank = [model.losses(*batch(r, step), routes(r, step)) for r in range(world)]
+        opt.backward([sum(column) / world for column in zip(*per_rank)])
+        opt.step()
+    return model
+
+
 def check_checkpoint(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """Save on rank 0 after 2 steps, load on every rank into fresh objects, train on: as if uninterrupted."""
 
@@ -339,6 +383,8 @@ def suite(rank: int, world: int, out_dir: str, name: str) -> dict[str, Any]:
         record(f"accumulate/{sync}", lambda: train(rank, world, "PCGrad", sync, micro=2))
     record("nonfinite", lambda: check_nonfinite(rank, world))
     record("mixed-dtype/sharded", lambda: train(rank, world, "MGDA", "sharded", model_kw={"pair_dtype": torch.float64}))
+    for sync in ("exact", "sharded-native"):
+        record(f"routed/{sync}", lambda: train_routed(rank, world, "MGDA", sync))
     if name == "full":
         for sync in ("exact", "local"):
             record(f"features/{sync}", lambda: train(rank, world, "MGDA", sync, features=True))

@@ -171,6 +171,17 @@ def test_parameters_of_two_dtypes_in_sharded_mode(groups, world: int) -> None:
     _assert_params(records[0]["params"], _reference("MGDA", "exact", world, pair64=True), "mixed dtypes")
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sync", ["exact", "sharded-native"])
+def test_sharing_decided_over_all_ranks_on_every_step(groups, world: int, sync: str) -> None:
+    """A routed layer: an expert that one task reads on one rank and another task on another is shared
+    on that step; one that a single task reads on every rank gets that task's plain gradient."""
+    records = _records(groups, world, f"routed/{sync}")
+    _assert_same_on_every_rank([r["params"] for r in records], f"routed/{sync}")
+    expected = W.reference_routed("MGDA", world)
+    _assert_params(records[0]["params"], expected, f"routed/{sync} on {world} ranks")
+
+
 @pytest.mark.parametrize("sync", ["exact", "local"])
 def test_representation_mode(groups, sync: str) -> None:
     """Weights from the Gram of ∂L/∂z: the global one is Σ_r G_r / N² (one T×T all-reduce)."""

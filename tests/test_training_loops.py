@@ -386,3 +386,36 @@ def test_non_reentrant_checkpoint_trains_the_trunk(method: str) -> None:
     opt.backward(losses())
     params = list(model.parameters())
     assert_grads(params, expected_grads(params, losses(), weights_of(method)), rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------- sharing decided per step
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_routed_layer_is_shared_only_when_several_tasks_read_it(method: str, engine: str) -> None:
+    """An expert read by two tasks on one step and by one task on the next: surgery on the first, the
+    plain gradient on the second, and accumulation decides over the accumulated calls."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(5, 6)
+    experts = nn.ParameterList(nn.Parameter(torch.randn(6)) for _ in range(2))
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+    params = [*trunk.parameters(), *experts, *heads.parameters()]
+    x, y = _data(tasks=2)
+
+    def losses(routes: tuple[int, int]) -> list[torch.Tensor]:
+        z = torch.tanh(trunk(x))
+        return [((head(z + experts[e]).squeeze(1) - y[:, t]) ** 2).mean() for t, (head, e) in enumerate(zip(heads, routes))]
+
+    opt = wrapper(method, torch.optim.SGD(params, lr=0.0), engine=engine)
+    for routes in [(0, 0), (0, 1), (1, 1)]:
+        opt.zero_grad()
+        opt.backward(losses(routes))
+        assert_grads(params, expected_grads(params, losses(routes), weights_of(method)), rtol=RTOL, atol=ATOL)
+        opt.step()
+    # accumulated: expert 0 read by task 0 in the first call and by task 1 in the second: shared
+    opt.zero_grad()
+    opt.backward(losses((0, 1)))
+    opt.backward(losses((1, 0)))
+    summed = [a + b for a, b in zip(losses((0, 1)), losses((1, 0)))]
+    assert_grads(params, expected_grads(params, summed, weights_of(method)), rtol=RTOL, atol=ATOL)
