@@ -24,7 +24,8 @@
 #                    rebuilt after each step
 #   running.log      the log of the step running now: only there if the check was stopped mid-step
 #   kernels.jsonl    bench.bench_kernels, one JSON line per measurement (kernels_smoke.jsonl rehearsed)
-#   step.jsonl       bench.gpu_step, one JSON line per (T, dtype) (step_smoke.jsonl rehearsed)
+#   step.jsonl       bench.gpu_step: per (T, dtype) an eager line, then a CUDA-graph line (step_smoke.jsonl
+#                    rehearsed, eager lines only)
 # The benchmarks append a line as soon as it is measured, so a step stopped by its limit keeps its rows.
 #
 # Steps, in this order, each under its own limit (seconds, on the GPU); all run even if one fails, and
