@@ -14,12 +14,13 @@ import torch
 __all__ = ["gram_diagnostics", "to_floats"]
 
 
-def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per-task gradient norms, pairwise cosines and conflict count from a Gram matrix.
 
     Args:
         G: ``(T, T)`` Gram matrix of the task gradients, ``G_ij = ⟨g_i, g_j⟩``.
-        weights: ``(T,)`` weights of the combined update ``d = Σ_t w_t g_t``.
+        weights: ``(T,)`` weights of the combined update ``d = Σ_t w_t g_t`` (``None`` for an
+            elementwise method such as GradDrop, which has none: the entry is then left out).
 
     Returns:
         ``"norms"`` ``(T,)``: ``‖g_t‖ = sqrt(G_tt)``;
@@ -27,12 +28,12 @@ def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.
         (a zero gradient neither agrees nor conflicts), so the diagonal is ``1`` except for zero
         gradients;
         ``"conflicts"`` (int64 scalar): the number of pairs ``i < j`` with ``G_ij < 0``;
-        ``"weights"`` ``(T,)``: the weights, detached.
+        ``"weights"`` ``(T,)``: the weights, detached (absent when ``weights`` is ``None``).
         All tensors are on ``G``'s device; nothing is read back to the host.
     """
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"G must be a square (T, T) matrix, got shape {tuple(G.shape)}")
-    if weights.shape != (G.shape[0],):
+    if weights is not None and weights.shape != (G.shape[0],):
         raise ValueError(f"weights must have shape ({G.shape[0]},), got {tuple(weights.shape)}")
     G = G.detach()
     # Half-precision products of two norms can underflow; the diagnostics are cheap, so use fp32.
@@ -46,7 +47,10 @@ def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.
     # The rounding of G and of the norms can push |cos| just past 1.
     cosine = cosine.clamp(-1.0, 1.0)
     conflicts = torch.triu(G < 0, diagonal=1).sum()
-    return {"norms": norms, "cosine": cosine, "conflicts": conflicts, "weights": weights.detach()}
+    out = {"norms": norms, "cosine": cosine, "conflicts": conflicts}
+    if weights is not None:
+        out["weights"] = weights.detach()
+    return out
 
 
 def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:

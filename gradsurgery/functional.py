@@ -144,8 +144,6 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def on_gram(G: torch.Tensor, **kwargs: Any) -> Any:
         options, extras, reduction, backend = _split(method, kwargs)
         _check_G(G)
-        if method.combine is not None:
-            raise TypeError(f"{method.name} is elementwise: it needs J, not the Gram matrix; call {method.function}(J)")
         return _weights(method, G, options, extras, reduction, backend)
 
     def on_rows(J: torch.Tensor, *, out: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -190,7 +188,10 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
 _FUNCTIONS: dict[str, Callable[..., Any]] = {}
 for _method in REGISTRY:
     if _method.function is not None:
-        _FUNCTIONS[_method.function], _FUNCTIONS[f"{_method.function}_weights"] = _pair(_method)
+        _on_rows, _on_gram = _pair(_method)
+        _FUNCTIONS[_method.function] = _on_rows
+        if _method.combine is None:  # an elementwise method needs J: it has no weights from G
+            _FUNCTIONS[f"{_method.function}_weights"] = _on_gram
 globals().update(_FUNCTIONS)
 
 __all__ = ["aggregate", "check_finite_gram", "gram", *sorted(_FUNCTIONS)]

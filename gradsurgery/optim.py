@@ -448,6 +448,17 @@ class MethodWrapper(GradSurgery):
         checked = method.checked(own)
         if method.random:
             _check_seed(seed)
+        sync = options.get("sync", "exact")
+        if method.combine is not None and sync == "sharded":
+            raise ValueError(
+                f'{method.name} draws its random numbers per column of the buffer: sync="sharded" splits the columns '
+                'across ranks and would repeat the draws on each; use sync="exact" (the same update, more traffic)'
+            )
+        if method.state is not None and sync == "local":
+            raise ValueError(
+                f'{method.name} carries state from step to step, which sync="local" would let drift apart on each '
+                'rank; use sync="exact" or "sharded"'
+            )
         super().__init__(optimizer, **method.fixed, **options)
         self.options = checked
         for name, value in checked.items():

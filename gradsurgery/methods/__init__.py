@@ -8,7 +8,7 @@ and the tests are generated from it.
 
 from __future__ import annotations
 
-from . import cagrad, mgda, pcgrad
+from . import aligned_mtl, cagrad, config, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw
 from .sum import MEAN, METHOD as SUM
 from ._simplex import DEFAULT_ITERATIONS
 from .cagrad import cagrad_weights
@@ -36,6 +36,14 @@ REGISTRY: tuple[Method, ...] = (
     pcgrad.METHOD,
     CAGRAD,
     mgda.METHOD,
+    imtl_g.METHOD,
+    aligned_mtl.METHOD,
+    nash_mtl.METHOD,
+    fairgrad.METHOD,
+    gradvac.METHOD,
+    config.METHOD,
+    graddrop.METHOD,
+    rlw.METHOD,
 )
 
 

@@ -40,6 +40,7 @@ import torch
 
 from ._common import check_gram, check_reduction, to_reduction
 from ._spectral import prepare, rank_tolerance
+from .spec import Method, Option, one_of
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -100,3 +101,13 @@ def _squared_scale(lam: torch.Tensor, kept_lam: torch.Tensor, scale_mode: str) -
         index = (lam.shape[0] - rank + (rank - 1).clamp_min(0) // 2).clamp(max=lam.shape[0] - 1)
         return lam.gather(0, index.reshape(1)).squeeze(0)
     return (lam * kept).sum() / rank.clamp_min(1)
+
+
+METHOD = Method(
+    name="AlignedMTL",
+    function="aligned_mtl",
+    weights=aligned_mtl_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(Option("scale_mode", "min", one_of("scale_mode", SCALE_MODES), "which eigenvalue sets the scale of the aligned gradients"),),
+)

@@ -54,6 +54,7 @@ import torch
 
 from ._common import check_gram, check_reduction, to_reduction
 from ._spectral import prepare, rank_tolerance, unit_gram
+from .spec import Method, Option, one_of
 
 LENGTHS = ("projection", "min", "max", "arithmetic_mean", "harmonic_mean", "geometric_mean")
 
@@ -134,3 +135,13 @@ def _tracked_norm(
     else:
         value = ((norms + 1 - mask).log().sum() / count).exp()  # log 1 = 0 for a zero gradient
     return torch.where(count > zero, value, zero)
+
+
+METHOD = Method(
+    name="ConFIG",
+    function="config",
+    weights=config_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(Option("length", "projection", one_of("length", LENGTHS), "how the update's length is chosen"),),
+)

@@ -65,6 +65,7 @@ from ._positive_system import (
     clip_to_norm,
     solve_power_system,
 )
+from .spec import Method, Option, finite_number, one_of, optional, positive_int
 
 SCALES = ("paper", "official")
 
@@ -112,3 +113,18 @@ def fairgrad_weights(
     if scale == "official":
         w = w * G.shape[-1]
     return to_reduction(clip_to_norm(w, G, max_norm), reduction)
+
+
+METHOD = Method(
+    name="FairGrad",
+    function="fairgrad",
+    weights=fairgrad_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("alpha", 2.0, finite_number("alpha", low=0.0, low_open=True), "the fairness exponent (α = 1: proportional fairness, Nash-MTL's condition)"),
+        Option("scale", "paper", one_of("scale", SCALES), '"official": the official code\'s ×T'),
+        Option("max_norm", None, optional(finite_number("max_norm", low=0.0, low_open=True)), "clip the update to this norm (the official code's 1.0); None: no clipping"),
+        Option("max_iter", DEFAULT_ITERATIONS, positive_int("max_iter"), "Newton iterations of the fixed-point solve"),
+    ),
+)

@@ -54,6 +54,7 @@ from collections.abc import Sequence
 import torch
 
 from ._common import check_reduction
+from .spec import Method, Option
 
 BIBTEX = """@inproceedings{chen2020just,
   title     = {Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout},
@@ -155,3 +156,18 @@ def graddrop(
     run = graddrop_triton if engine == "triton" else graddrop_reference
     return run(J, seed, out, leak=leaks, scale=scale)
 
+
+def _no_weights(G: torch.Tensor, **options: object) -> torch.Tensor:
+    raise TypeError("GradDrop is elementwise: it needs J, not the Gram matrix")
+
+
+METHOD = Method(
+    name="GradDrop",
+    function="graddrop",
+    weights=_no_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(Option("leak", None, check_graddrop_options, "how much of each task's dropped gradient still leaks through (0: none)"),),
+    random=True,
+    combine=graddrop,
+)

@@ -51,6 +51,7 @@ import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
 from .pcgrad import random_orders
+from .spec import Method, Option, State, finite_number, one_of
 
 TARGET_UPDATES = ("always", "on_correction")
 
@@ -165,3 +166,36 @@ def gradvac_weights(
     w = torch.where(finite, coefficients.sum(dim=0), torch.full_like(coefficients[0], torch.nan))
     old = torch.zeros_like(new_targets) if targets is None else targets.detach().to(G.device, torch.float64)
     return to_reduction(w, reduction), torch.where(finite, new_targets, old)
+
+
+def _weights_with_state(
+    G: torch.Tensor,
+    *,
+    beta: float,
+    target_update: str,
+    reduction: str = "sum",
+    generator: torch.Generator | None = None,
+    state: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    w, targets = gradvac_weights(
+        G, beta=beta, targets=state["targets"], generator=generator, reduction=reduction, target_update=target_update
+    )
+    return w, {"targets": targets}
+
+
+METHOD = Method(
+    name="GradVac",
+    function="gradvac",
+    weights=_weights_with_state,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("beta", 1e-2, finite_number("beta", low=0.0, high=1.0), "EMA rate of the cosine targets (the paper's 1e-2; LibMTL and TorchJD use 0.5)"),
+        Option("target_update", "always", one_of("target_update", TARGET_UPDATES), '"on_correction": LibMTL\'s update of a target only when it corrects'),
+    ),
+    random=True,
+    state=State(
+        init=lambda T, device: {"targets": torch.zeros(T, T, dtype=torch.float64, device=device)},
+        doc="targets: (T, T) float64 EMA of the pairwise cosines, zeros at the start",
+    ),
+)

@@ -56,6 +56,7 @@ import torch
 
 from ._common import check_gram, check_reduction, to_reduction
 from ._spectral import prepare, rank_tolerance, unit_gram
+from .spec import Method
 
 BIBTEX = """@inproceedings{liu2021towards,
   title     = {Towards Impartial Multi-task Learning},
@@ -97,3 +98,6 @@ def _two_tasks(G: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     norms = G.diagonal().sqrt()
     w = 2 * norms.flip(0) / norms.sum()
     return torch.where(norms.prod() > zero, w, 1.0)
+
+
+METHOD = Method(name="IMTLG", function="imtl_g", weights=imtl_g_weights, doc=__doc__ or "", bibtex=BIBTEX)

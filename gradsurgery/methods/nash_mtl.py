@@ -62,6 +62,7 @@ from ._positive_system import (
     clip_to_norm,
     solve_power_system,
 )
+from .spec import Method, Option, finite_number, optional, positive_int
 
 DEFAULT_ITERATIONS = 16
 
@@ -99,3 +100,16 @@ def nash_mtl_weights(
     check_reduction(reduction)
     w = solve_power_system(G, 1.0, max_iter=max_iter).weights
     return to_reduction(clip_to_norm(w, G, max_norm), reduction)
+
+
+METHOD = Method(
+    name="NashMTL",
+    function="nash_mtl",
+    weights=nash_mtl_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("max_norm", None, optional(finite_number("max_norm", low=0.0, low_open=True)), "clip the update to this norm (the official code's 1.0); None: the exact update"),
+        Option("max_iter", DEFAULT_ITERATIONS, positive_int("max_iter"), "Newton iterations of the bargaining solve"),
+    ),
+)

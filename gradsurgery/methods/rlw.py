@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_gram, check_reduction
+from .spec import Method
 
 BIBTEX = """@article{lin2022reasonable,
   title   = {Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning},
@@ -43,3 +44,6 @@ def rlw_weights(G: torch.Tensor, *, generator: torch.Generator | None = None, re
         z = z.to(G.device)
     weights = torch.softmax(z, dim=0)
     return weights.mul_(float(T)) if reduction == "sum" else weights
+
+
+METHOD = Method(name="RLW", function="random", weights=rlw_weights, doc=__doc__ or "", bibtex=BIBTEX, random=True)
