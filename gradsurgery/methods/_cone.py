@@ -47,7 +47,7 @@ import functools
 
 import torch
 
-MAX_TASKS = 8
+MAX_TASKS = 9
 DEFAULT_ITERATIONS = 16
 # Guesses of the free set from the interior point: F = {μ_i > τ·λ_i}. Near the solution μ_i λ_i ≈ m
 # for every i, so free variables have μ_i/λ_i ≈ μ_i²/m ≫ 1 and active ones ≪ 1; the extra guesses
@@ -70,8 +70,8 @@ def project(
 ) -> torch.Tensor:
     """``V`` ``(K, T)`` with ``V[k] = argmin_{v ≥ U[k]} vᵀGv``.
 
-    ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside); ``U``: float64 ``(K, T)``.
-    Exact up to ``MAX_TASKS`` tasks; beyond, the interior point (``max_iter`` iterations) and its exact
+    ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside), of any scale (it is scaled
+    to a unit diagonal); ``U``: float64 ``(K, T)``. Exact up to ``MAX_TASKS`` tasks; beyond, the interior point (``max_iter`` iterations) and its exact
     finish. A non-finite ``G`` or ``U`` gives NaN rows.
 
     ``ridge = η > 0`` solves ``vᵀ(G + η·diag(G))v`` instead: the projection onto the slightly larger cone
@@ -106,15 +106,16 @@ def _project(G: torch.Tensor, U: torch.Tensor, ridge: float, max_iter: int) -> t
     else:
         mu = _interior_finished(Gs, Us, max_iter)
     V = torch.addcmul(U, mu, scale * size)
-    # A non-finite G or U has no answer: say so with NaN.
-    return torch.where(G.isfinite().all() & U.isfinite().all(dim=1, keepdim=True), V, float("nan"))
+    # A non-finite G or U has no answer: say so with NaN. (Scaled, every entry is at most 1 in magnitude
+    # unless it is not finite, so the sum cannot overflow.)
+    return torch.where((Gs.sum() + Us.sum()).isfinite(), V, float("nan"))
 
 
 def _scaled(G: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``DGD + ηI`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal."""
     diagonal = G.diagonal()
     scale = torch.where(diagonal > 0, diagonal.rsqrt(), 1.0)
-    Gs = G * torch.outer(scale, scale)
+    Gs = G * scale[:, None] * scale[None, :]  # not the outer product first: it can overflow
     if ridge:
         Gs.diagonal().add_(ridge)
     return Gs, scale

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import _cone
-from ._common import check_gram, check_reduction, normalized, to_reduction
+from ._common import check_gram, check_reduction, symmetric64, to_reduction
 from .upgrad import Preference, check_max_iter, check_preference, preference, valid
 
 BIBTEX = """@inproceedings{lopezpaz2017gradient,
@@ -72,5 +72,21 @@ def dualproj_weights(
     check_max_iter(max_iter)
     T = G.shape[0]
     p = preference(pref_vector, G)
-    v = _cone.project(normalized(G), p[None], max_iter=max_iter)[0]
-    return to_reduction(valid(T * v, p), reduction)
+    G = symmetric64(G)  # the solver scales G itself (to a unit diagonal)
+    if T == 2:
+        w = _two_tasks(G, p)
+    else:
+        w = T * _cone.project(G, p[None], max_iter=max_iter)[0]
+    return to_reduction(w if pref_vector is None else valid(w, p), reduction)
+
+
+def _two_tasks(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    # With g = Gp (the inner products of x = Jᵀp with the gradients), at most one g_i is negative (for
+    # independent gradients both would make ‖x‖² = pᵀg < 0; for dependent ones x is along one of them),
+    # and the projection is that of x onto {d : g_iᵀd ≥ 0}: v = p + e_i·(−g_i/G_ii), which the face
+    # analysis shows leaves the other constraint satisfied (a projection onto K exists, and both faces
+    # active would need d = 0 = Jᵀv, impossible for independent gradients).
+    g = G @ p
+    added = torch.where(g < 0, g / G.diagonal(), 0.0)
+    w = (p - added).mul_(2)
+    return torch.where(G.isfinite().all(), w, float("nan"))

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from . import _cone
-from ._common import check_gram, check_reduction, normalized, to_reduction
+from ._common import check_gram, check_reduction, symmetric64, to_reduction
 
 BIBTEX = """@article{quinton2024jacobian,
   title   = {Jacobian Descent For Multi-Objective Optimization},
@@ -117,21 +117,19 @@ def upgrad_weights(
     check_max_iter(max_iter)
     T = G.shape[0]
     p = preference(pref_vector, G)
-    Gn = normalized(G)
+    G = symmetric64(G)  # the solver scales G itself (to a unit diagonal)
     if T == 2:
-        projections = _projections_of_two(Gn)
+        w = _two_tasks(G, p)
     else:
-        eye = torch.eye(T, dtype=torch.float64, device=G.device)
-        projections = _cone.project(Gn, eye, max_iter=max_iter)
-    return to_reduction(valid(T * (p @ projections), p), reduction)
+        w = T * (p @ _cone.project(G, torch.eye(T, dtype=torch.float64, device=G.device), max_iter=max_iter))
+    return to_reduction(w if pref_vector is None else valid(w, p), reduction)
 
 
-def _projections_of_two(G: torch.Tensor) -> torch.Tensor:
-    # Row i is v*(e_i): e_i, plus −G_ij/G_jj on the other task j when they conflict (G_ij < 0, and then
-    # G_jj > 0). That is the projection of g_i onto {d : g_jᵀd ≥ 0}, which is inside K: g_iᵀd =
-    # G_ii − G_ij²/G_jj ≥ 0 by Cauchy–Schwarz. A non-finite G gives NaN.
-    off = G[0, 1].clamp_max(0)
-    diagonal = G.diagonal()
-    removed = torch.where(off < 0, -off / diagonal.flip(0), torch.zeros_like(diagonal))
-    projections = torch.diag_embed(removed).flip(1) + torch.eye(2, dtype=G.dtype, device=G.device)
-    return torch.where(G.isfinite().all(), projections, torch.full_like(projections, float("nan")))
+def _two_tasks(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    # v*(e_i) is e_i plus r_i = −G_ij/G_jj on the other task j when they conflict (G_ij < 0, and then
+    # G_jj > 0): the projection of g_i onto {d : g_jᵀd ≥ 0}, which is inside K (g_iᵀd = G_ii − G_ij²/G_jj
+    # ≥ 0 by Cauchy–Schwarz). So w = 2·(p_1 + p_2·r_2, p_2 + p_1·r_1).
+    removed = G[0, 1].neg().clamp_min(0)
+    r = torch.where(removed > 0, removed / G.diagonal().flip(0), 0.0)
+    w = (p + (p * r).flip(0)).mul_(2)
+    return torch.where(G.isfinite().all(), w, float("nan"))

@@ -80,6 +80,16 @@ def test_weights_permute_with_the_tasks(T: int, seed: int) -> None:
     assert torch.allclose(dualproj_weights(G[perm][:, perm]), w[perm], rtol=1e-9, atol=1e-9 * float(w.abs().max()))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_tasks_match_the_general_solver(kind: str) -> None:
+    J = make_J(kind, 2, 11, seed=7)
+    G = J @ J.T
+    for pref in (None, torch.tensor([0.3, 1.7], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)):
+        p = torch.full((2,), 0.5, dtype=torch.float64) if pref is None else pref
+        general = 2 * _cone.project(G, p[None])[0]
+        assert torch.allclose(dualproj_weights(G, pref_vector=pref), general, rtol=1e-12, atol=1e-12)
+
+
 def test_exactly_opposite_gradients_give_a_zero_update() -> None:
     g = make_J("conflicting", 1, 21)[0]
     for J in (torch.stack((g, -g)), torch.stack((g, -2 * g, 3 * g))):
