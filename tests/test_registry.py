@@ -234,3 +234,39 @@ def test_the_wrapper_carries_the_generator_and_the_state_from_step_to_step(metho
             expected = weights(opt.last_gram, **extra)
         assert torch.equal(opt.last_weights, expected), step
         opt.step()
+
+
+def test_a_method_of_your_own_is_a_few_lines() -> None:
+    """The README's recipe: a spec (weights from G, an option) given to ``gs.wrapper_class``."""
+    from gradsurgery.methods.spec import Method, Option, finite_number
+
+    def inverse_norm_weights(G: torch.Tensor, *, power: float, reduction: str = "sum") -> torch.Tensor:
+        return G.diagonal().to(torch.float64).clamp_min(1e-30) ** (-power / 2)  # w_t = ‖g_t‖^(−power)
+
+    InverseNorm = gs.wrapper_class(
+        Method("InverseNorm", None, inverse_norm_weights, doc="Each task's gradient divided by its norm to a power.",
+               options=(Option("power", 1.0, finite_number("power", low=0.0), "the exponent"),))
+    )
+    model = Model()
+    opt = InverseNorm(torch.optim.SGD(model.parameters(), lr=0.1), power=1.0)
+    opt.backward(model.losses(*_data()))
+    params = list(model.parameters())
+    expected = expected_grads(params, model.losses(*_data()), lambda G: G.diagonal() ** -0.5)
+    assert_grads(params, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="power"):
+        InverseNorm(torch.optim.SGD(model.parameters(), lr=0.1), power=-1.0)
+
+
+def test_a_subclass_is_a_method_too() -> None:
+    class Halves(gs.GradSurgery):
+        uses_loss_values = False
+
+        def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+            return torch.full((G.shape[0],), 0.5, dtype=torch.float64, device=G.device)
+
+    model = Model()
+    opt = Halves(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.backward(model.losses(*_data()))
+    params = list(model.parameters())
+    expected = expected_grads(params, model.losses(*_data()), lambda G: torch.full((G.shape[0],), 0.5, dtype=torch.float64))
+    assert_grads(params, expected, rtol=1e-5, atol=1e-7)

@@ -48,6 +48,7 @@ BIBTEX = """@inproceedings{sener2018multi,
   volume    = {31},
   year      = {2018}
 }
+
 @article{desideri2012multiple,
   title   = {Multiple-gradient descent algorithm ({MGDA}) for multiobjective optimization},
   author  = {D{\\'e}sid{\\'e}ri, Jean-Antoine},
