@@ -26,8 +26,9 @@ largest entry (the solution is positively homogeneous in ``u``), so both ``G`` a
   ``F = {i : μ_i > 0}``; on it ``G_FF μ_F = −(Gu)_F``, ``μ_A = 0`` elsewhere. Every free set is solved
   in one batched Cholesky factorisation (``2^T`` padded systems, identity rows outside ``F``; a
   singular face fails to factorise or gives a candidate far from optimal) and the candidate with the
-  smallest natural residual wins. ``F = ∅`` (``v = u``) is a candidate, so gradients that conflict
-  with nothing come back exactly unchanged.
+  smallest natural residual wins (the first of equals: ``F = ∅``, ``v = u``, comes first, so gradients
+  that conflict with nothing come back exactly unchanged). ``2^T`` grows: the interior point below is
+  cheaper from 10 tasks on for ``T`` right-hand sides (UPGrad), from 11 for one (measured on a CPU).
 - **Beyond: an interior point finished on its face.** A primal–dual interior-point method
   (Mehrotra's predictor–corrector on the complementarity problem above, one Cholesky factorisation
   of ``G + diag(λ/μ)`` per iteration for all right-hand sides at once) runs a fixed ``max_iter``
@@ -35,7 +36,10 @@ largest entry (the solution is positively homogeneous in ``u``), so both ``G`` a
   guesses of that split are solved exactly by Newton steps on the face from the iterate (which also
   copes with a singular ``G_FF``: the steps only move along its range), followed by one
   primal–dual active-set step from the best of them, and the candidate with the smallest natural
-  residual wins — at worst the interior point itself.
+  residual wins — at worst the interior point itself (``v = u`` is a candidate too, first). On
+  linearly independent faces this is exact to rounding (natural residual ≤ 1e-13 measured up to
+  ``T = 64``); on degenerate problems (more tasks than directions, an unbounded set of minimisers)
+  the finish may not apply and the interior point's own accuracy stands (≤ 1e-10 measured).
 
 Nothing is read back to the host and no step depends on a tensor's value through Python: a fixed
 number of kernels, whatever the data.
@@ -71,8 +75,8 @@ def project(
     """``V`` ``(K, T)`` with ``V[k] = argmin_{v ≥ U[k]} vᵀGv``.
 
     ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside), of any scale (it is scaled
-    to a unit diagonal); ``U``: float64 ``(K, T)``. Exact up to ``MAX_TASKS`` tasks; beyond, the interior point (``max_iter`` iterations) and its exact
-    finish. A non-finite ``G`` or ``U`` gives NaN rows.
+    to a unit diagonal); ``U``: float64 ``(K, T)``. Exact up to ``MAX_TASKS`` tasks; beyond, the interior
+    point (``max_iter`` iterations) and its exact finish. A non-finite ``G`` or ``U`` gives NaN rows.
 
     ``ridge = η > 0`` solves ``vᵀ(G + η·diag(G))v`` instead: the projection onto the slightly larger cone
     ``{d : g_tᵀd ≥ −η‖g_t‖²v_t}`` (each gradient given a private orthogonal component of relative length

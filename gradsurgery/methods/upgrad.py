@@ -19,7 +19,9 @@ The paper defines the uniform preference as a mean, so the weights are put on th
 ``g_1`` off ``g_2`` when they conflict) and its mirror image; otherwise the ``T`` projections are solved
 together by :mod:`._cone`: exactly by enumerating the active sets up to ``_cone.MAX_TASKS`` tasks, and
 beyond by a fixed budget of ``max_iter`` interior-point iterations finished exactly on the face they
-point to. Positively homogeneous: the weights are invariant to a positive rescaling of ``G``.
+point to. Positively homogeneous: the weights are invariant to a positive rescaling of ``G``. Nearly
+opposite gradients make the cone thin and the exact projection's weights large (they are not capped):
+the update is then resolved to ``ε·Σ_t|w_t|‖g_t‖`` in the gradients' own precision.
 
 Differences from TorchJD's ``UPGrad`` (the authors' implementation): TorchJD solves the ``T`` programs
 one at a time with quadprog on the host (a device synchronisation and copy each step), on ``G`` divided

@@ -96,7 +96,9 @@ def test_exactly_opposite_gradients_give_a_zero_update() -> None:
         assert update(J).abs().max() <= 10 * EPS * g.abs().max() * len(J)
 
 
-@pytest.mark.parametrize(("options", "match"), [({"pref_vector": [1.0, -2.0]}, "pref_vector"), ({"max_iter": 0}, "max_iter")])
+@pytest.mark.parametrize(
+    ("options", "match"), [({"pref_vector": [1.0, -2.0]}, "pref_vector"), ({"max_iter": 0}, "max_iter")]
+)
 def test_bad_options_raise(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_dualproj_options(**options)
