@@ -87,6 +87,22 @@ def project(
     return V.clone()  # an ordinary tensor again, usable outside inference mode
 
 
+def project_two(G: torch.Tensor, u: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
+    """``project`` for two tasks and one right-hand side ``u ≥ 0`` ``(2,)``, in closed form: ``(2,)``.
+
+    With ``g = Gu`` (the inner products of ``x = Jᵀu`` with the gradients), at most one ``g_i`` is
+    negative (for independent gradients both would make ``‖x‖² = uᵀg < 0``; for dependent ones ``x`` is
+    along one of them), and the projection is that of ``x`` onto ``{d : g_iᵀd ≥ 0}``:
+    ``v = u + e_i·(−g_i/G_ii)``, which leaves the other constraint satisfied (both active would need
+    ``d = 0 = Jᵀv``, impossible for independent gradients). ``ridge`` as in ``project``.
+    """
+    if ridge:
+        G = G + torch.diag_embed(G.diagonal() * ridge)
+    g = G @ u
+    v = u - torch.where(g < 0, g / G.diagonal(), 0.0)
+    return torch.where(G.isfinite().all(), v, float("nan"))
+
+
 def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
     """``‖min(μ, g)‖_∞`` per row ``(K,)`` in the scaled problem that ``project`` solves (``μ = D⁻¹(V − U)``,
     ``g = DGV``, each row divided by ``U``'s largest scaled entry); 0 exactly at the minimisers, and it

@@ -74,19 +74,7 @@ def dualproj_weights(
     p = preference(pref_vector, G)
     G = symmetric64(G)  # the solver scales G itself (to a unit diagonal)
     if T == 2:
-        w = _two_tasks(G, p)
+        w = T * _cone.project_two(G, p)
     else:
         w = T * _cone.project(G, p[None], max_iter=max_iter)[0]
     return to_reduction(w if pref_vector is None else valid(w, p), reduction)
-
-
-def _two_tasks(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    # With g = Gp (the inner products of x = Jᵀp with the gradients), at most one g_i is negative (for
-    # independent gradients both would make ‖x‖² = pᵀg < 0; for dependent ones x is along one of them),
-    # and the projection is that of x onto {d : g_iᵀd ≥ 0}: v = p + e_i·(−g_i/G_ii), which the face
-    # analysis shows leaves the other constraint satisfied (a projection onto K exists, and both faces
-    # active would need d = 0 = Jᵀv, impossible for independent gradients).
-    g = G @ p
-    added = torch.where(g < 0, g / G.diagonal(), 0.0)
-    w = (p - added).mul_(2)
-    return torch.where(G.isfinite().all(), w, float("nan"))

@@ -88,6 +88,9 @@ def test_two_tasks_match_the_general_solver(kind: str) -> None:
         p = torch.full((2,), 0.5, dtype=torch.float64) if pref is None else pref
         general = 2 * _cone.project(G, p[None])[0]
         assert torch.allclose(dualproj_weights(G, pref_vector=pref), general, rtol=1e-12, atol=1e-12)
+        # and with a ridge (CAGrad's degenerate case uses it)
+        ridged = _cone.project(G, p[None], ridge=1e-6)[0]
+        assert torch.allclose(_cone.project_two(G, p, ridge=1e-6), ridged, rtol=1e-12, atol=1e-12)
 
 
 def test_exactly_opposite_gradients_give_a_zero_update() -> None:
