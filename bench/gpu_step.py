@@ -4,13 +4,13 @@ MLP, the loop engine against the batched one, and whether the whole step capture
     python -m bench.gpu_step --out DIR            # on a CUDA device: T ∈ {2, 8, 32}, fp32 and bf16
     python -m bench.gpu_step --out DIR --smoke    # toy sizes; without CUDA under Triton's interpreter
 
-The problem is ``bench.bench_suite``'s MLP (``Spec("mlp", T, 256)``: trunk 256→1024→1024→1024, one
-head per task, MSE), built by its ``build``/``forward`` and moved to the device, parameters and data in
-the dtype (``bf16``: the whole step in bf16, so J is too). Variants, each on its own copy of the same
+The problem is the speed suite's MLP (``bench.suite.variants``: ``Spec("mlp", T, 256)``, trunk
+256→1024→1024→1024, one head per task, MSE), built by its ``build``/``forward`` and moved to the
+device, parameters and data in the dtype (``bf16``: the whole step in bf16, so J is too). Variants, each on its own copy of the same
 initial model, SGD(lr=1e-4), timed interleaved by ``bench.harness`` with a device sync after every step:
 
 - ``naive``, ``floor`` (T × ``autograd.grad``), ``floor-batched`` (one vmapped backward): as in the suite;
-- ``gs-{pcgrad,cagrad,mgda}-{loop,batched}``: our wrappers with their defaults and that engine
+- ``gs-{pcgrad,cagrad,mgda}-{loop,batched}``: our wrappers (``bench.methods.make_wrapper``) and that engine
   (``nonfinite="raise"``: one read of T flags per step, what a user gets out of the box);
 - ``graph-naive`` and ``graph-gs-{method}-{engine}`` (CUDA only): the same step with
   ``nonfinite="propagate"``, warmed up on a side stream (``gradsurgery.kernels`` says why), captured
@@ -44,9 +44,11 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 import torch
 from torch import nn
 
+from bench.methods import ORIGINAL as METHODS
+from bench.methods import make_wrapper
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENGINES = ("loop", "batched")
-METHODS = ("pcgrad", "cagrad", "mgda")
 CHECK_STEPS = 3  # replays compared with as many eager steps
 SMOKE = {"tasks": "2,3", "budget": 0.2}
 
@@ -62,17 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ours(method: str, opt: torch.optim.Optimizer, **options: Any) -> Any:
-    import gradsurgery as gs
-    from bench.peers import CAGRAD_C
-
-    if method == "pcgrad":
-        return gs.PCGrad(opt, seed=0, **options)
-    if method == "cagrad":
-        return gs.CAGrad(opt, c=CAGRAD_C, **options)
-    return gs.MGDA(opt, **options)
-
-
 class Problem:
     """The suite's model and batch for ``spec``, on ``device`` in ``dtype``; a fresh copy per variant."""
 
@@ -80,13 +71,13 @@ class Problem:
         self.spec, self.device, self.dtype = spec, device, dtype
 
     def new(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        from bench.bench_suite import build
+        from bench.suite.variants import build
 
         model, x, y = build(self.spec)
         return model.to(self.device, self.dtype), x.to(self.device, self.dtype), y.to(self.device, self.dtype)
 
     def losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        from bench.bench_suite import forward
+        from bench.suite.variants import forward
 
         return forward(self.spec, model, x, y)[1]
 
@@ -98,7 +89,7 @@ def _sync(device: torch.device) -> None:
 
 def eager_variant(problem: Problem, kind: str, *, backend: str, nonfinite: str = "raise") -> Callable[[], None]:
     """One step of ``kind`` on its own model; returns after the device finished it."""
-    from bench.bench_suite import LR
+    from bench.suite.variants import LR
 
     model, x, y = problem.new()
     params = list(model.parameters())
@@ -127,7 +118,7 @@ def eager_variant(problem: Problem, kind: str, *, backend: str, nonfinite: str =
 
     else:
         _, method, engine = kind.split("-")
-        wrapper = _ours(method, opt, engine=engine, backend=backend, nonfinite=nonfinite)
+        wrapper = make_wrapper(method, opt, engine=engine, backend=backend, nonfinite=nonfinite)
 
         def body() -> None:
             wrapper.zero_grad(set_to_none=True)
@@ -147,7 +138,7 @@ def eager_variant(problem: Problem, kind: str, *, backend: str, nonfinite: str =
 
 def graph_variant(problem: Problem, kind: str, *, backend: str) -> tuple[Callable[[], None] | None, dict[str, Any]]:
     """``kind``'s step (``nonfinite="propagate"``) captured whole in a CUDA graph: (replay, what happened)."""
-    from bench.bench_suite import LR
+    from bench.suite.variants import LR
 
     model, x, y = problem.new()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -163,7 +154,7 @@ def graph_variant(problem: Problem, kind: str, *, backend: str) -> tuple[Callabl
 
     else:
         _, method, engine = kind.split("-")
-        wrapper = _ours(method, opt, engine=engine, backend=backend, nonfinite="propagate")
+        wrapper = make_wrapper(method, opt, engine=engine, backend=backend, nonfinite="propagate")
 
         def body() -> None:
             wrapper.backward(problem.losses(model, x, y))
@@ -309,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, key, value)
         torch.set_num_threads(1)  # toy tensors: more intra-op threads only spin against each other
     from bench import harness
-    from bench.bench_suite import LR, Spec, shared_numel
+    from bench.suite.variants import LR, Spec, shared_numel
     from bench.gpu_environment import PEERS, _version
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -2,11 +2,11 @@
 
 ``x ∈ R²``, ``L1 = (x·a)²``, ``L2 = sin(x·b)`` with conflicting gradients, SGD with ``lr = 0`` (the
 problem, and so the branch each method takes, stays the same on every step). Variants: ``naive``,
-``floor`` (the two backward passes and nothing else), ``floor-batched``, our wrappers (``gs-{sum,pcgrad,
-cagrad,mgda}`` with their defaults, ``gs-pcgrad-loop``), TorchJD (``autojac.backward`` + ``jac_to_grad``:
-there is no head), pytorch-optimizer's PCGrad, and ``minimal-pcgrad``: the same PCGrad step written by
-hand with no library, the lower bound of the design on the machine. ``bench.bench_suite`` times
-``TINY_KINDS``.
+``floor`` (the two backward passes and nothing else), our wrapper of every registered method
+(``gs-{name}``, its defaults and the benchmarks' options, ``bench.methods``) and ``gs-pcgrad-loop``
+(``engine="loop"``), TorchJD for the original three (``autojac.backward`` + ``jac_to_grad``: there is
+no head), pytorch-optimizer's PCGrad, and ``minimal-pcgrad``: the same PCGrad step written by hand with
+no library, the lower bound of the design on the machine. ``bench.bench_suite`` times ``TINY_KINDS``.
 """
 
 from __future__ import annotations
@@ -16,34 +16,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-import gradsurgery as gs
-from bench.peers import CAGRAD_C, torchjd_aggregator
+from bench.methods import ORIGINAL, make_wrapper, names
+from bench.peers import torchjd_aggregator
 
 TINY_KINDS = (
     "naive",
     "floor",
     "gs-pcgrad-loop",
-    "gs-pcgrad",
-    "gs-cagrad",
-    "gs-mgda",
-    "torchjd-pcgrad",
-    "torchjd-cagrad",
-    "torchjd-mgda",
+    *(f"gs-{name}" for name in names()),
+    *(f"torchjd-{name}" for name in ORIGINAL),
     "pyo-pcgrad",
     "minimal-pcgrad",
 )
-
-
-def _ours(method: str, inner: torch.optim.Optimizer) -> gs.GradSurgery:
-    if method == "pcgrad-loop":
-        return gs.PCGrad(inner, seed=0, engine="loop")
-    if method == "sum":
-        return gs.Sum(inner)
-    if method == "pcgrad":
-        return gs.PCGrad(inner, seed=0)
-    if method == "cagrad":
-        return gs.CAGrad(inner, c=CAGRAD_C)
-    return gs.MGDA(inner)
 
 
 def make_tiny_step(kind: str) -> Callable[[], None]:
@@ -70,12 +54,6 @@ def make_tiny_step(kind: str) -> Callable[[], None]:
             torch.autograd.grad(l1, [x], retain_graph=True)
             torch.autograd.grad(l2, [x])
 
-    elif kind == "floor-batched":
-        eye = torch.eye(2)
-
-        def step() -> None:
-            torch.autograd.grad(torch.stack(losses()), [x], grad_outputs=eye, is_grads_batched=True)
-
     elif kind == "minimal-pcgrad":
         # The least a Gram-space PCGrad step does here, written by hand with nothing to orchestrate:
         # the two gradients copied into the rows of J, the Gram matrix, the non-finite check (one read
@@ -101,7 +79,8 @@ def make_tiny_step(kind: str) -> Callable[[], None]:
             opt.step()
 
     elif kind.startswith("gs-"):
-        wrapper = _ours(kind[3:], opt)
+        name, loop = kind[3:].removesuffix("-loop"), kind.endswith("-loop")
+        wrapper = make_wrapper(name, opt, **({"engine": "loop"} if loop else {}))
 
         def step() -> None:
             wrapper.zero_grad()
@@ -113,7 +92,7 @@ def make_tiny_step(kind: str) -> Callable[[], None]:
     elif kind.startswith("torchjd-"):
         from torchjd.autojac import backward, jac_to_grad
 
-        aggregator = torchjd_aggregator(kind.split("-", 1)[1])
+        aggregator = torchjd_aggregator(kind.split("-", 1)[1], 2)
 
         def step() -> None:
             opt.zero_grad()

@@ -1,0 +1,161 @@
+"""Every registered method by name, built the same way by every benchmark and the study.
+
+The one name → method factory of ``bench/``, on :data:`gradsurgery.methods.REGISTRY`: a method added to
+the registry is in the step suite, the aggregation benchmark, the tiny problem and the study's
+``--methods`` without a change here.
+
+- A method's **name** here is its function name (``"pcgrad"``, ``"nash_mtl"``, ``"random"``) or, for
+  ``Sum``/``Mean`` which have none, its wrapper name in lower case; :func:`lookup` also takes the wrapper
+  name (``"NashMTL"``), in any case.
+- The benchmarks' **own choices** of a method's options are :data:`BENCH_OPTIONS` (CAGrad's ``c``);
+  every other option keeps the library's default. Methods that draw random numbers get ``seed``.
+
+Importing this module imports neither torch nor gradsurgery (the GPU step sets Triton's interpreter
+switch before the library loads); the functions do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+    import gradsurgery as gs
+    from gradsurgery.methods import Method
+
+CAGRAD_C = 0.4  # the official NYUv2/Cityscapes value, for ours and the peers alike
+SEED = 0
+# The benchmarks' choices, by wrapper name; the rest are the library's defaults.
+BENCH_OPTIONS: Mapping[str, Mapping[str, Any]] = {"CAGrad": {"c": CAGRAD_C}}
+# The three methods every grid (T, models, engines) has tracked since the first run; the other
+# registered methods are timed at one T beside them.
+ORIGINAL: tuple[str, ...] = ("pcgrad", "cagrad", "mgda")
+
+Options = Mapping[str, Mapping[str, Any]]  # per wrapper name: that method's options
+
+
+def _registry() -> tuple[Method, ...]:
+    from gradsurgery.methods import REGISTRY
+
+    return REGISTRY
+
+
+def key(method: Method) -> str:
+    """The name the benchmarks and the study use: the function name, else the wrapper name in lower case."""
+    return method.function or method.name.lower()
+
+
+def names() -> tuple[str, ...]:
+    """Every registered method's name, in the registry's order."""
+    return tuple(key(method) for method in _registry())
+
+
+def lookup(name: str) -> Method:
+    """The registered method called ``name`` (its function or wrapper name, in any case)."""
+    folded = name.casefold()
+    for method in _registry():
+        if folded in {key(method).casefold(), method.name.casefold()}:
+            return method
+    raise ValueError(f"unknown method {name!r}; choose from {','.join(names())} (or their wrapper names)")
+
+
+def elementwise(name: str) -> bool:
+    """Whether the method needs ``J`` itself (no weights from ``G``)."""
+    return lookup(name).combine is not None
+
+
+def method_options(method: Method, options: Options | None = None) -> dict[str, Any]:
+    """The method's own options as the benchmarks set them: :data:`BENCH_OPTIONS`, then ``options``."""
+    unknown = sorted(set(options or {}) - {m.name for m in _registry()})
+    if unknown:
+        raise ValueError(f"options given for unregistered method(s) {unknown}")
+    return {**BENCH_OPTIONS.get(method.name, {}), **(options or {}).get(method.name, {})}
+
+
+def make_wrapper(
+    name: str, optimizer: torch.optim.Optimizer, *, seed: int = SEED, options: Options | None = None, **common: Any
+) -> gs.GradSurgery:
+    """``gs.<Name>(optimizer, ...)`` for the method called ``name``.
+
+    ``options`` maps wrapper names to method options that replace the benchmarks' (e.g. the toy's
+    ``{"CAGrad": {"c": 0.5}}``; a method not named there keeps its own); ``seed`` seeds a method that
+    draws random numbers; ``common`` are the options every wrapper takes (``engine=``,
+    ``storage_dtype=``, ``backend=``, ``nonfinite=``, ...).
+    """
+    from gradsurgery.optim import WRAPPERS
+
+    method = lookup(name)
+    extra = {"seed": seed} if method.random else {}
+    return WRAPPERS[method.name](optimizer, **method_options(method, options), **extra, **common)
+
+
+def weights_function(
+    name: str, *, seed: int = SEED, options: Options | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``G → w`` for the method called ``name``: ``gs.functional.<function>_weights`` with the benchmarks'
+    options (``Sum``/``Mean``, which have no functional pair: the spec's weights). A random method draws
+    from its own generator, seeded once; a stateful one carries its state from call to call, as the
+    wrapper does. ``ValueError`` for an elementwise method (it has no weights from ``G``)."""
+    import torch
+
+    import gradsurgery.functional as F
+
+    method = lookup(name)
+    if method.combine is not None:
+        raise ValueError(f"{method.name} is elementwise: it needs J, it has no weights from G")
+    kwargs = method_options(method, options)
+    if method.function is None:
+        return lambda G: method.weights(G, **method.fixed, **kwargs)
+    weights = getattr(F, f"{method.function}_weights")
+    if method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    if method.state is None:
+        return lambda G: weights(G, **kwargs)
+    state: dict[str, Any] = {}
+
+    def stateful(G: torch.Tensor) -> torch.Tensor:
+        w, state["state"] = weights(G, state=state.get("state"), **kwargs)
+        return w
+
+    return stateful
+
+
+def aggregate_function(
+    name: str, *, seed: int = SEED, options: Options | None = None
+) -> Callable[..., torch.Tensor]:
+    """``J → d`` (``out=`` accepted) for the method called ``name``: ``gs.functional.<function>`` with the
+    benchmarks' options (``Sum``/``Mean``: ``gs.functional.aggregate`` with their weights); a stateful
+    method carries its state from call to call."""
+    import torch
+
+    import gradsurgery.functional as F
+
+    method = lookup(name)
+    if method.function is None:
+        weights = weights_function(name, seed=seed, options=options)
+        return lambda J, out=None: F.aggregate(J, weights, out=out)
+    function = getattr(F, method.function)
+    kwargs = method_options(method, options)
+    if method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    if method.state is None:
+        return lambda J, out=None: function(J, out=out, **kwargs)
+    state: dict[str, Any] = {}
+
+    def stateful(J: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        d, state["state"] = function(J, out=out, state=state.get("state"), **kwargs)
+        return d
+
+    return stateful
+
+
+def engine_in_use(wrapper: gs.GradSurgery, device: torch.device) -> str:
+    """The engine a wrapper computes the task gradients with, from its public ``engine`` option and the
+    documented rule for ``"auto"`` (the loop where the batched backward is not preferred, e.g. the CPU;
+    there, batched with the loop as fallback). The wrapper does not expose which one a step ran."""
+    from gradsurgery.taskgrads import prefers_batched
+
+    if wrapper.engine != "auto":
+        return wrapper.engine
+    return "batched (loop if vmap cannot run the graph)" if prefers_batched(device) else "loop"

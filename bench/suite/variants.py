@@ -1,0 +1,244 @@
+"""The speed suite's problems and the variants of one training step on them.
+
+Two models, each with one head per task reading the shared encoder's output ``z``:
+
+- ``mlp``: trunk ``256 → 1024 → 1024 → 1024`` (ReLU after each layer, 2.36M shared parameters), one
+  ``Linear(1024, 1)`` head per task, batch 256, MSE losses;
+- ``conv``: ``conv 3→32`` (3×3), ``conv 32→64`` (3×3, stride 2), ``conv 64→64`` (3×3, stride 2), ReLU after
+  each, global average pool → 64 features (56k shared parameters), one ``Linear(64, 10)`` head per task
+  with cross-entropy, ``3 × 32 × 32`` inputs, batch 128.
+
+Variants of one step (forward included, SGD, each on its own copy of the same initial model):
+
+- ``naive``: ``sum(losses).backward(); step``;
+- ``floor``: ``T × torch.autograd.grad`` of all parameters and nothing else — what any method that
+  needs the T task gradients pays at least; ``floor-batched``: the same T gradients from one vmapped
+  backward (the floor of a batched engine);
+- ``gs-{name}-{loop,batched}``: our wrapper of the registered method ``name`` (``bench.methods``) in
+  parameter mode, ``engine="loop"`` / ``"batched"``; ``gs-{name}-repr``: representation mode,
+  ``opt.backward(losses, features=z)``; ``gs-{name}-loop-bf16``: the loop with
+  ``storage_dtype=torch.bfloat16``;
+- ``torchjd-{name}``: TorchJD's autojac path, ``mtl_backward(losses, features=z)`` then
+  ``jac_to_grad(encoder params, aggregator)``;
+- ``autogram-{name}``: TorchJD's autogram engine, ``Engine(encoder, batch_dim=None)`` built once;
+  ``G = engine.compute_gramian(stack(losses))``, ``w = weighting(G)``, ``stack(losses).backward(w)``. The
+  losses are per task (means over the batch), so ``batch_dim=None`` (``batch_dim=0`` needs per-sample
+  losses: instance-wise risk). The heads get ``w_t``-weighted gradients here, not their plain ones;
+- ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step.
+
+:data:`KINDS` are timed on every problem; :data:`EVERY_METHOD_KINDS` (every other registered method,
+loop engine) on the MLP at one ``T``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.methods import ORIGINAL, make_wrapper, names
+from bench.peers import torchjd_aggregator, torchjd_weighting
+
+LR = 1e-4
+MODES = ("loop", "batched", "repr")
+KINDS = (
+    "naive",
+    "floor",
+    "floor-batched",
+    *(f"gs-{m}-{mode}" for mode in MODES for m in ORIGINAL),
+    "gs-pcgrad-loop-bf16",
+    *(f"torchjd-{m}" for m in ORIGINAL),
+    *(f"autogram-{m}" for m in ORIGINAL),
+    "pyo-pcgrad",
+)
+# Every registered method beyond the original three, in parameter mode with the loop engine (the
+# default on the CPU): the same step as gs-pcgrad-loop with another method's weights.
+EVERY_METHOD_KINDS = tuple(f"gs-{name}-loop" for name in names() if name not in ORIGINAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One benchmark problem (picklable: the memory runs rebuild it in a fresh interpreter)."""
+
+    model: str  # "mlp" or "conv"
+    T: int
+    batch: int
+    width: int = 1024  # mlp only
+    inputs: int = 256  # mlp only
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} T={self.T}"
+
+    def describe(self) -> str:
+        if self.model == "mlp":
+            w = self.width
+            return f"trunk {self.inputs}→{w}→{w}→{w} ReLU, one Linear({w}, 1) head per task, MSE, batch {self.batch}"
+        return (
+            "conv 3→32, 32→64 s2, 64→64 s2 (3×3, ReLU), avg pool → 64; one Linear(64, 10) head per task, CE, "
+            f"batch {self.batch}, 3×32×32"
+        )
+
+
+class MultiTaskMLP(nn.Module):
+    def __init__(self, num_tasks: int, *, width: int, inputs: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+
+
+class MultiTaskConvNet(nn.Module):
+    def __init__(self, num_tasks: int, *, classes: int = 10) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.heads = nn.ModuleList(nn.Linear(64, classes) for _ in range(num_tasks))
+
+
+def _new_model(spec: Spec) -> nn.Module:
+    if spec.model == "mlp":
+        return MultiTaskMLP(spec.T, width=spec.width, inputs=spec.inputs)
+    return MultiTaskConvNet(spec.T)
+
+
+@functools.cache
+def _problem(spec: Spec) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _new_model(spec)
+    if spec.model == "mlp":
+        x, y = torch.randn(spec.batch, spec.inputs), torch.randn(spec.T, spec.batch)
+    else:
+        x, y = torch.randn(spec.batch, 3, 32, 32), torch.randint(0, 10, (spec.T, spec.batch))
+    return model.state_dict(), x, y
+
+
+def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A fresh model with the same initial weights, and the batch, for every variant."""
+    state, x, y = _problem(spec)
+    model = _new_model(spec)
+    model.load_state_dict(copy.deepcopy(state))
+    return model, x, y
+
+
+def forward(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    z = model.trunk(x)
+    if spec.model == "mlp":
+        return z, [nn.functional.mse_loss(head(z).squeeze(-1), y[t]) for t, head in enumerate(model.heads)]
+    return z, [nn.functional.cross_entropy(head(z), y[t]) for t, head in enumerate(model.heads)]
+
+
+def shared_numel(spec: Spec) -> int:
+    return sum(p.numel() for p in _new_model(spec).trunk.parameters())
+
+
+def method_of(kind: str) -> str:
+    """The method name in ``gs-{name}-…``, ``torchjd-{name}``, ``autogram-{name}`` (names hold no ``-``)."""
+    return kind.split("-")[1]
+
+
+def _ours(kind: str, opt: torch.optim.Optimizer) -> tuple[Any, bool]:
+    """Our wrapper for ``gs-{name}-{mode}[-bf16]``, and whether it runs in representation mode."""
+    _, name, mode, *rest = kind.split("-")
+    options: dict[str, Any] = {}
+    if mode in ("loop", "batched"):
+        options["engine"] = mode
+    if rest == ["bf16"]:
+        options["storage_dtype"] = torch.bfloat16
+    return make_wrapper(name, opt, **options), mode == "repr"
+
+
+def make_step(spec: Spec, kind: str) -> Callable[[], None]:
+    """One training step of variant ``kind`` on its own model (module-level: picklable for memory runs)."""
+    model, x, y = build(spec)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=LR)
+    T = spec.T
+
+    if kind == "naive":
+
+        def step() -> None:
+            opt.zero_grad()
+            _, losses = forward(spec, model, x, y)
+            sum(losses).backward()
+            opt.step()
+
+    elif kind == "floor":
+
+        def step() -> None:
+            _, losses = forward(spec, model, x, y)
+            for t, loss in enumerate(losses):
+                torch.autograd.grad(loss, params, retain_graph=t < T - 1, allow_unused=True)
+
+    elif kind == "floor-batched":
+        eye = torch.eye(T)
+
+        def step() -> None:
+            _, losses = forward(spec, model, x, y)
+            torch.autograd.grad(torch.stack(losses), params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+
+    elif kind.startswith("gs-"):
+        wrapper, representation = _ours(kind, opt)
+
+        def step() -> None:
+            wrapper.zero_grad()
+            z, losses = forward(spec, model, x, y)
+            wrapper.backward(losses, features=z if representation else None)
+            wrapper.step()
+
+        step.wrapper = wrapper  # type: ignore[attr-defined]
+
+    elif kind.startswith("torchjd-"):
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        aggregator = torchjd_aggregator(method_of(kind), T)
+        shared = list(model.trunk.parameters())
+
+        def step() -> None:
+            opt.zero_grad()
+            z, losses = forward(spec, model, x, y)
+            mtl_backward(losses, features=z)
+            jac_to_grad(shared, aggregator)
+            opt.step()
+
+    elif kind.startswith("autogram-"):
+        from torchjd.autogram import Engine
+
+        weighting = torchjd_weighting(method_of(kind), T)
+        engine = Engine(model.trunk, batch_dim=None)  # once, before the forward passes it hooks
+
+        def step() -> None:
+            opt.zero_grad()
+            _, losses = forward(spec, model, x, y)
+            stacked = torch.stack(losses)
+            gramian = engine.compute_gramian(stacked)
+            stacked.backward(weighting(gramian))
+            opt.step()
+
+    elif kind == "pyo-pcgrad":
+        from pytorch_optimizer import PCGrad
+
+        wrapper = PCGrad(opt, reduction="sum")
+
+        def step() -> None:
+            wrapper.zero_grad()
+            _, losses = forward(spec, model, x, y)
+            wrapper.pc_backward(losses)
+            wrapper.step()
+
+    else:
+        raise ValueError(f"unknown variant {kind!r}")
+    return step
