@@ -20,11 +20,11 @@ class TorchJDPeer:
     """How TorchJD computes one of our methods.
 
     ``aggregator``: its class in ``torchjd.aggregation`` (for ``jac_to_grad``: ``J`` given).
-    ``weighting``: its weighting class, or ``None`` when it has none of its own (then the aggregator's
-    ``weighting`` attribute, or, with ``on="matrix"`` and no weighting, the aggregator itself, which
-    returns the update, not weights). ``on``: what the weighting reads, ``"gramian"`` (``G``) or
-    ``"matrix"`` (rows: any ``M`` with ``M Mᵀ = G`` gives the same result). ``options``: TorchJD's keywords
-    from ours and ``T``.
+    ``weighting``: how to get its weights: a weighting class of ``torchjd.aggregation``, ``".weighting"``
+    (the aggregator's own weighting, which TorchJD does not export: Nash-MTL) or ``None`` (no weights:
+    the aggregator itself, which returns the update: ConFIG). ``on``: what the weighting reads,
+    ``"gramian"`` (``G``) or ``"matrix"`` (rows: any ``M`` with ``M Mᵀ = G`` gives the same result).
+    ``options``: TorchJD's keywords from ours and ``T``.
     """
 
     aggregator: str
@@ -46,7 +46,7 @@ _PEERS: dict[str, TorchJDPeer] = {
         "AlignedMTL", "AlignedMTLWeighting", "gramian", lambda ours, T: {"scale_mode": ours["scale_mode"]}
     ),
     # TorchJD's Nash-MTL weighting reads the matrix; its max_norm (default 1.0) has no "off".
-    "NashMTL": TorchJDPeer("NashMTL", None, "matrix", lambda ours, T: {"n_tasks": T}),
+    "NashMTL": TorchJDPeer("NashMTL", ".weighting", "matrix", lambda ours, T: {"n_tasks": T}),
     "FairGrad": TorchJDPeer("FairGrad", "FairGradWeighting", "gramian", lambda ours, T: {"alpha": ours["alpha"]}),
     "GradVac": TorchJDPeer("GradVac", "GradVacWeighting", "gramian", lambda ours, T: {"beta": ours["beta"]}),
     "ConFIG": TorchJDPeer("ConFIG", None, "matrix"),
@@ -74,15 +74,16 @@ def torchjd_aggregator(name: str, T: int) -> Any:
 
 def torchjd_weighting(name: str, T: int) -> Any:
     """TorchJD's weighting of ``name`` for ``T`` tasks (``peer.on`` says whether it reads ``G`` or rows);
-    a ``matrix`` peer without a weighting of its own (ConFIG) is its aggregator, which returns ``d``."""
+    for a peer without weights (``peer.weighting is None``: ConFIG) its aggregator, which returns ``d``."""
     from torchjd import aggregation
 
     peer = _required(name)
     options = peer.options(_our_options(name), T)
-    if peer.weighting is not None:
-        return getattr(aggregation, peer.weighting)(**options)
-    aggregator = getattr(aggregation, peer.aggregator)(**options)
-    return getattr(aggregator, "weighting", aggregator)
+    if peer.weighting is None:
+        return getattr(aggregation, peer.aggregator)(**options)
+    if peer.weighting == ".weighting":
+        return getattr(aggregation, peer.aggregator)(**options).weighting
+    return getattr(aggregation, peer.weighting)(**options)
 
 
 def _required(name: str) -> TorchJDPeer:
