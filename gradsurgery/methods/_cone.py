@@ -248,5 +248,5 @@ def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def _max_step(z: torch.Tensor, direction: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The largest step ``≤ 1`` along ``direction`` keeping ``z > 0``, times ``fraction``, per row ``(K, 1)``."""
+    """``min(1, fraction × the step to the boundary z = 0)`` along ``direction``, per row ``(K, 1)``."""
     return (direction / z).amin(dim=1, keepdim=True).clamp_max_(-fraction).reciprocal_().mul_(-fraction)
