@@ -30,7 +30,9 @@ by its trace plus ``reg_eps·I`` (``reg_eps = 1e-4``), and replaces ``G`` by zer
 left in slight conflict, and the result is off by ~``reg_eps`` relative), and gradients whose squared
 norms sum below ``1e-4`` are not projected at all (the weights become ``p``, i.e. the mean). Here the
 unregularised problem is solved on ``G`` scaled to a unit diagonal, exactly scale-invariant, so neither
-option exists. A ``pref_vector`` is used as TorchJD uses it (not renormalised).
+option exists. A ``pref_vector`` is used as TorchJD uses it (not renormalised). LibMTL's ``UPGrad`` is
+TorchJD's code (the same regularisation, ``norm_eps``/``reg_eps`` as its options) with the uniform
+preference only, on the mean scale, and without representation gradients.
 """
 
 from __future__ import annotations
