@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run, under a minute (what CI runs)")
     size.add_argument("--full", action="store_true", help="more seeds and epochs; the toy runs the paper's 100,000 steps")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)} (default: all)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma list of methods (default: {','.join(METHODS)}): any registered method by its function or "
+        "wrapper name in any case (e.g. sum,pcgrad,nash_mtl,graddrop or NashMTL), or mgda-ub (MGDA in "
+        "representation mode); the toy skips mean and mgda-ub",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 2 quick, 3, 5 full)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--device", default="cpu", help="torch device for MultiDigits and the sweep (the toy always runs on CPU)")

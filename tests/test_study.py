@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.study.methods import parse_methods
 from bench.study.report import Section, Table, jsonable, latex, markdown, tex
 
 pytest.importorskip("sklearn")
@@ -70,6 +71,9 @@ def _usage_error(proc: subprocess.CompletedProcess[str], fragment: str, out: Pat
     [
         pytest.param(["--methods", "sum,pcgard"], "unknown method(s) 'pcgard'", id="unknown-method"),
         pytest.param(["--methods", ","], "no method given", id="empty-methods"),
+        pytest.param(["--methods", "pcgrad,,cagrad"], "empty entry in 'pcgrad,,cagrad'", id="empty-entry"),
+        pytest.param(["--methods", "pcgrad,"], "empty entry in 'pcgrad,'", id="trailing-comma"),
+        pytest.param(["--methods", "PCGrad,pcgrad"], "method 'pcgrad' given twice", id="duplicate-method"),
         pytest.param(["--seeds", "0"], "--seeds must be at least 1, got 0", id="zero-seeds"),
         pytest.param(["--seeds", "-2"], "--seeds must be at least 1", id="negative-seeds"),
         pytest.param(["--quick", "--full"], "not allowed with argument", id="quick-and-full"),
@@ -79,6 +83,56 @@ def _usage_error(proc: subprocess.CompletedProcess[str], fragment: str, out: Pat
 def test_bad_input_fails_before_any_work(tmp_path: Path, args: list[str], fragment: str) -> None:
     out = tmp_path / "out"
     _usage_error(_bench(*args, "--out", str(out), timeout=60), fragment, out)
+
+
+def test_every_registered_method_is_accepted_by_its_function_and_wrapper_names() -> None:
+    from gradsurgery.methods import REGISTRY
+
+    for method in REGISTRY:
+        name = method.function or method.name.lower()
+        assert parse_methods(name) == [name]
+        assert parse_methods(method.name) == [name]
+        assert parse_methods(f" {method.name.upper()} ") == [name]
+    assert parse_methods("sum,pcgrad,nash_mtl,graddrop") == ["sum", "pcgrad", "nash_mtl", "graddrop"]
+    # The canonical order is the registry's (MGDA-UB after MGDA), whatever the order given.
+    assert parse_methods("RLW,MGDA-UB,mgda,Sum") == ["sum", "mgda", "mgda-ub", "random"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param("", "no method given", id="empty"),
+        pytest.param(" , ", "no method given", id="blank-entries"),
+        pytest.param(",pcgrad", "empty entry", id="leading-comma"),
+        pytest.param("pcgrad,,cagrad", "empty entry", id="double-comma"),
+        pytest.param("nash_mtl,NashMTL", "method 'nash_mtl' given twice (as 'nash_mtl' and 'NashMTL')", id="duplicate"),
+        pytest.param("pcgrad;cagrad", "unknown method(s) 'pcgrad;cagrad'", id="wrong-separator"),
+        pytest.param("upgard,mgda_ub", "unknown method(s) 'upgard', 'mgda_ub'", id="two-unknown"),
+    ],
+)
+def test_malformed_method_lists_are_refused(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_methods(text)
+    assert fragment in str(info.value)
+
+
+def test_a_registered_method_beyond_the_default_runs_end_to_end(tmp_path: Path) -> None:
+    # Nash-MTL (a Gram-space solve) and GradDrop (elementwise: diagnostics without weights) through
+    # every study, one seed.
+    out = tmp_path / "study"
+    proc = _bench("--quick", "--seeds", "1", "--methods", "NashMTL,graddrop", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["methods"] == ["nash_mtl", "graddrop"]
+    studies = results["studies"]
+    assert set(studies["toy"]["runs"]) == {"nash_mtl", "graddrop"}
+    assert set(studies["multidigits"]["summary"]) == {"stl", "nash_mtl", "graddrop"}
+    assert set(studies["conflict"]["summary"]) == {"stl", "nash_mtl", "graddrop"}
+    md = (out / "results.md").read_text()
+    assert "| NashMTL |" in md and "| GradDrop |" in md
+    assert "no panel for GradDrop (no weights)" in md
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> None:

@@ -21,12 +21,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from bench.methods import CAGRAD_C
+
 from . import figures
-from .methods import LABELS, METHODS
+from .methods import known, label
 from .report import MakeBar, Report, Table
 from .training import SharedBottom, train
 
-CAGRAD_C = 0.4
 N_SINES = 3
 NOISE = 0.1
 
@@ -109,7 +110,7 @@ def run_point(
 
         log = train(
             net, None if method == "stl" else method, x_train, y_train, loss_fn,
-            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, cagrad_c=CAGRAD_C,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
             evaluate=evaluate, log_every=10**9, tick=tick,
         )
         for t in tasks:
@@ -154,7 +155,7 @@ def describe(data: dict[str, Any]) -> tuple[list[str], list[Table]]:
         f"{data['seeds']}. Single-task = one network of the same shape per task.",
     ]
     angles = [float(a) for a in cfg["angles"]]
-    methods = [m for m in ("stl", *METHODS) if m in summary]
+    methods = [m for m in ("stl", *known()) if m in summary]
     # Mid-run, some methods have reached fewer angles than others: those cells stay empty.
     avg = {m: dict(zip(summary[m]["angles"], summary[m]["avg_mean"])) for m in methods}
     rows = []
@@ -162,7 +163,7 @@ def describe(data: dict[str, Any]) -> tuple[list[str], list[Table]]:
         row = summary[method]
         last = row["angles"].index(angles[-1]) if angles[-1] in row["angles"] else None
         worse = "—" if last is None else f"{max(row['task1_mean'][last], row['task2_mean'][last]):.3f}"
-        rows.append([LABELS[method], *(f"{avg[method][a]:.3f}" if a in avg[method] else "—" for a in angles), worse])
+        rows.append([label(method), *(f"{avg[method][a]:.3f}" if a in avg[method] else "—" for a in angles), worse])
     bold = set()
     for col, angle in enumerate(angles, start=1):
         joint = {i: avg[m][angle] for i, m in enumerate(methods) if m != "stl" and angle in avg[m]}

@@ -7,11 +7,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .methods import LABELS
+from .methods import known, label
 
 DPI = 130
 COLOURS = {"stl": "black", "sum": "#1f77b4", "mean": "#17becf", "pcgrad": "#ff7f0e", "cagrad": "#2ca02c",
            "mgda": "#d62728", "mgda-ub": "#9467bd"}
+
+
+def colour(method: str) -> Any:
+    """The default run's colours as they were; any other method one of matplotlib's tab20, by its place."""
+    if method in COLOURS:
+        return COLOURS[method]
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](known().index(method) % 20)
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, np.ndarray]:
@@ -48,7 +57,7 @@ def toy_trajectories(
             ax.plot(traj[:, 0], traj[:, 1], color=colour, lw=1.6, zorder=3)
             ax.plot(*traj[0], "o", color=colour, ms=5, zorder=4)
             ax.plot(*traj[-1], "*", color=colour, ms=11, mec="black", mew=0.5, zorder=4)
-        ax.set_title(LABELS[method])
+        ax.set_title(label(method))
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.set_aspect("equal")
@@ -66,7 +75,7 @@ def digits_accuracy(path: Path, summary: dict[str, dict[str, Any]]) -> None:
     for method, row in summary.items():
         ax.errorbar(
             row["test_left_mean"], row["test_right_mean"], xerr=row["test_left_std"], yerr=row["test_right_std"],
-            fmt="s" if method == "stl" else "o", color=COLOURS[method], capsize=3, label=LABELS[method],
+            fmt="s" if method == "stl" else "o", color=colour(method), capsize=3, label=label(method),
         )
     ax.set_xlabel("left digit: test accuracy (%)")
     ax.set_ylabel("right digit: test accuracy (%)")
@@ -83,7 +92,7 @@ def digits_conflicts(path: Path, histories: dict[str, dict[str, Any]]) -> None:
     fig, axes = _panels(len(histories), (4.2, 2.9))
     for ax, (method, diag) in zip(axes, histories.items()):
         plot_conflict_history(diag["history"], ax, steps=diag["steps"])
-        ax.set_title(LABELS[method])
+        ax.set_title(label(method))
     fig.savefig(path, dpi=DPI)
 
 
@@ -94,7 +103,7 @@ def digits_cosines(path: Path, histories: dict[str, dict[str, Any]], task_names:
     fig, axes = _panels(len(histories), (3.0, 2.6))
     for ax, (method, diag) in zip(axes, histories.items()):
         plot_cosine_heatmap(np.mean([h["cosine"] for h in diag["history"]], axis=0), ax, task_names)
-        ax.set_title(LABELS[method], fontsize=9)
+        ax.set_title(label(method), fontsize=9)
     fig.savefig(path, dpi=DPI)
 
 
@@ -106,8 +115,8 @@ def conflict_sweep(path: Path, summary: dict[str, dict[str, list[float]]], noise
         for method, row in summary.items():
             mean, std = np.asarray(row[f"{key}_mean"]), np.asarray(row[f"{key}_std"])
             style = "--" if method == "stl" else "-"
-            ax.plot(row["angles"], mean, style, marker="o", ms=3, color=COLOURS[method], label=LABELS[method])
-            ax.fill_between(row["angles"], mean - std, mean + std, color=COLOURS[method], alpha=0.12)
+            ax.plot(row["angles"], mean, style, marker="o", ms=3, color=colour(method), label=label(method))
+            ax.fill_between(row["angles"], mean - std, mean + std, color=colour(method), alpha=0.12)
         ax.axhline(noise_floor, color="grey", ls=":", lw=1, label="noise floor")
         ax.set_title(title)
         ax.set_xlabel("angle between the tasks' directions (°)")

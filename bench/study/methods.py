@@ -1,63 +1,88 @@
-"""The methods the study compares, by their command-line names, built through the public wrappers.
+"""The methods the study compares, by their command-line names, built by ``bench.methods``' factory.
 
-Importing this module does not import torch, so the command line can reject bad names instantly.
+A name is any registered method's (``bench.methods.lookup``: its function name, e.g. ``nash_mtl``, or
+its wrapper name, e.g. ``NashMTL``, in any case), or ``mgda-ub``: MGDA in representation mode (MGDA-UB).
+Names are stored in their canonical form (the function name; ``sum``/``mean`` for the two without one).
+``METHODS`` is what a run without ``--methods`` compares.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from bench.methods import Options, key, lookup, make_wrapper, names
+
 if TYPE_CHECKING:
     import torch
 
 METHODS: tuple[str, ...] = ("sum", "mean", "pcgrad", "cagrad", "mgda", "mgda-ub")
 
-LABELS: dict[str, str] = {
-    "stl": "Single-task",
-    "sum": "Sum",
-    "mean": "Mean",
-    "pcgrad": "PCGrad",
-    "cagrad": "CAGrad",
-    "mgda": "MGDA",
-    "mgda-ub": "MGDA-UB",
-}
+# A study name → the registered method it runs through the wrapper's representation mode.
+# MGDA-UB is MGDA on the gradients of the shared representation.
+REPRESENTATION: dict[str, str] = {"mgda-ub": "mgda"}
+_SPECIAL_LABELS = {"stl": "Single-task", "mgda-ub": "MGDA-UB"}
 
-# MGDA-UB is MGDA on the gradients of the shared representation: the wrapper's representation mode.
-REPRESENTATION_METHODS: frozenset[str] = frozenset({"mgda-ub"})
+
+def known() -> tuple[str, ...]:
+    """Every name the study takes, in the order of its tables: the registry's, each representation-mode
+    variant right after its method."""
+    out: list[str] = []
+    for name in names():
+        out.append(name)
+        out += [variant for variant, base in REPRESENTATION.items() if base == name]
+    return tuple(out)
+
+
+def label(name: str) -> str:
+    """The name a table or figure shows: ``Single-task``, ``MGDA-UB``, else the wrapper's class name."""
+    return _SPECIAL_LABELS.get(name) or lookup(name).name
+
+
+def canonical(name: str) -> str:
+    """``name`` (any case, function or wrapper name) in the form the study stores; ``ValueError`` if unknown."""
+    folded = name.casefold()
+    if folded in REPRESENTATION:
+        return folded
+    return key(lookup(name))
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"sum,pcgrad"`` → ``["sum", "pcgrad"]`` in the canonical order; ``ValueError`` names the bad ones."""
-    names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError(f"no method given; choose from {','.join(METHODS)}")
-    unknown = [name for name in names if name not in METHODS]
+    """``"sum,PCGrad,nash_mtl"`` → ``["sum", "pcgrad", "nash_mtl"]`` in the canonical order.
+
+    ``ValueError`` with the reason for a list that is empty, has an empty entry (``"pcgrad,,cagrad"``,
+    a trailing comma), names a method twice (``"pcgrad,PCGrad"``) or names an unknown one.
+    """
+    choose = f"choose from {','.join(known())} (or the wrapper names: PCGrad, NashMTL, ...)"
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise ValueError(f"no method given; {choose}")
+    if not all(entries):
+        raise ValueError(f"empty entry in {text!r}: separate method names by single commas, no comma at either end")
+    resolved: dict[str, str] = {}
+    unknown: list[str] = []
+    for entry in entries:
+        try:
+            name = canonical(entry)
+        except ValueError:
+            unknown.append(entry)
+            continue
+        if name in resolved:
+            raise ValueError(f"method {name!r} given twice (as {resolved[name]!r} and {entry!r})")
+        resolved[name] = entry
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from {','.join(METHODS)}")
-    return [name for name in METHODS if name in names]
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; {choose}")
+    return [name for name in known() if name in resolved]
 
 
-def make_optimizer(name: str, inner: torch.optim.Optimizer, *, seed: int, cagrad_c: float) -> Any:
-    """The ``gradsurgery`` wrapper for ``name`` around ``inner`` (imported here: the CLI checks its
-    arguments before paying for the import)."""
-    import gradsurgery as gs
-
-    if name == "sum":
-        return gs.Sum(inner)
-    if name == "mean":
-        return gs.Mean(inner)
-    if name == "pcgrad":
-        return gs.PCGrad(inner, seed=seed)
-    if name == "cagrad":
-        return gs.CAGrad(inner, c=cagrad_c)
-    if name in ("mgda", "mgda-ub"):
-        return gs.MGDA(inner)
-    raise ValueError(f"unknown method {name!r}; choose from {','.join(METHODS)}")
+def make_optimizer(name: str, inner: torch.optim.Optimizer, *, seed: int, options: Options | None = None) -> Any:
+    """The ``gradsurgery`` wrapper for the study's method ``name`` around ``inner``
+    (``bench.methods.make_wrapper``: the benchmarks' options, ``options`` on top, ``seed``)."""
+    return make_wrapper(REPRESENTATION.get(name, name), inner, seed=seed, options=options)
 
 
 def joint_backward(opt: Any, name: str, losses: Sequence[torch.Tensor], features: torch.Tensor | None) -> None:
     """``opt.backward`` in the mode the method needs: representation mode for MGDA-UB."""
-    if name in REPRESENTATION_METHODS:
+    if name in REPRESENTATION:
         if features is None:
             raise ValueError(f"{name} needs the shared representation (features=)")
         opt.backward(list(losses), features=features)

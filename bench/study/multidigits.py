@@ -16,14 +16,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from bench.methods import CAGRAD_C
+
 from . import figures
 from .digits_data import CANVAS, MultiDigits, Split, build_multidigits
-from .methods import LABELS, METHODS
+from .methods import known, label
 from .report import MakeBar, Report, Table, num
 from .training import RunLog, SharedBottom, train
 
 TASKS = ("left", "right")
-CAGRAD_C = 0.4
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _fit(
 
     log = train(
         net, method, data.train.images.to(device), data.train.labels.to(device), _task_losses(tasks),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, cagrad_c=CAGRAD_C,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
         evaluate=evaluate, log_every=cfg.log_every, tick=tick,
     )
     names = [TASKS[t] for t in tasks]
@@ -139,10 +140,10 @@ def summarize(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 def table_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[list[str]], set[tuple[int, int]]]:
     """Rows of the results table and the cells to bold (best mean per column among joint methods)."""
     rows: list[list[str]] = []
-    order = [m for m in ("stl", *METHODS) if m in summary]
+    order = [m for m in ("stl", *known()) if m in summary]
     for method in order:
         row = summary[method]
-        cells = [LABELS[method]]
+        cells = [label(method)]
         cells += [f"{row[f'test_{n}_mean']:.2f} ± {row[f'test_{n}_std']:.2f}" for n in TASKS]
         if method == "stl":
             cells.append("0 (ref.)")
@@ -228,9 +229,15 @@ def draw(data: dict[str, Any], report: Report) -> None:
     first = str(data["seeds"][0])
     histories = {m: runs[first]["diagnostics"] for m, runs in data["runs"].items()
                  if m != "stl" and first in runs and runs[first]["diagnostics"]["history"]}
-    if histories:
-        figures.digits_conflicts(report.out / "multidigits_conflicts.png", histories)
+    # gradsurgery.plot.plot_conflict_history draws the weights too, which an elementwise method's
+    # diagnostics do not have (GradDrop): those methods get no panel there.
+    weighted = {m: d for m, d in histories.items() if all("weights" in h for h in d["history"])}
+    if weighted:
+        figures.digits_conflicts(report.out / "multidigits_conflicts.png", weighted)
+        skipped = sorted(set(histories) - set(weighted))
+        note = f"; no panel for {', '.join(label(m) for m in skipped)} (no weights)" if skipped else ""
         report.add_figure("multidigits", "multidigits_conflicts.png",
-                          f"Conflict rate and task weights over training (seed {first}, `opt.diagnostics()`)")
+                          f"Conflict rate and task weights over training (seed {first}, `opt.diagnostics()`{note})")
+    if histories:
         figures.digits_cosines(report.out / "multidigits_cosine.png", histories, TASKS)
         report.add_figure("multidigits", "multidigits_cosine.png", f"Mean gradient cosine over training (seed {first})")

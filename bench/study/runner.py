@@ -143,7 +143,7 @@ def run(config: StudyConfig, command: str) -> int:
     torch.set_num_threads(1)
     device = torch.device(config.device)
     report = Report(config.out, collect_meta(config, command))
-    run_toy = any(m in toy.TOY_METHODS for m in config.methods)
+    run_toy = any(toy.runs_on_toy(m) for m in config.methods)
     background_toy = run_toy and (os.cpu_count() or 1) >= 2
     report.data["meta"]["toy_in_second_process"] = background_toy
     report.flush()

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from bench.methods import Options
+
 from .methods import joint_backward, make_optimizer
 
 LossFn = Callable[[Sequence[torch.Tensor], torch.Tensor], list[torch.Tensor]]
@@ -58,7 +60,7 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
-    cagrad_c: float,
+    options: Options | None = None,
     evaluate: Callable[[SharedBottom], dict[str, float]],
     log_every: int,
     tick: Callable[[int], None],
@@ -66,13 +68,13 @@ def train(
     """Adam on minibatches of ``(inputs, targets)`` for ``epochs`` passes.
 
     ``method=None`` trains a single-task network with plain ``loss.backward()``; otherwise the joint
-    losses go through the wrapper ``method``. ``evaluate`` runs after every epoch; the gradient
+    losses go through the wrapper ``method`` (``options``: method options replacing the benchmarks'). ``evaluate`` runs after every epoch; the gradient
     diagnostics are read every ``log_every`` steps, outside the timed region, so the host sync they
     cost does not show up in the step times.
     """
     device = inputs.device
     inner = torch.optim.Adam(net.parameters(), lr=lr)
-    opt = inner if method is None else make_optimizer(method, inner, seed=seed, cagrad_c=cagrad_c)
+    opt = inner if method is None else make_optimizer(method, inner, seed=seed, options=options)
     order = torch.Generator().manual_seed(seed)
     log = RunLog()
     step = 0
