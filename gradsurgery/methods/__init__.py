@@ -8,34 +8,21 @@ and the tests are generated from it.
 
 from __future__ import annotations
 
-from . import aligned_mtl, cagrad, config, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw
+from . import aligned_mtl, cagrad, config, dualproj, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw, upgrad
 from .sum import MEAN, METHOD as SUM
-from ._simplex import DEFAULT_ITERATIONS
 from .cagrad import cagrad_weights
 from .mgda import mgda_weights
 from .pcgrad import pcgrad_weights
 from .spec import Method, Option, State, finite_number, one_of, optional, positive_int
 
-CAGRAD = Method(
-    name="CAGrad",
-    function="cagrad",
-    weights=cagrad_weights,
-    doc=cagrad.__doc__ or "",
-    bibtex=cagrad.BIBTEX,
-    options=(
-        Option("c", 0.4, finite_number("c", low=0.0), "radius of the ball around the mean gradient, relative to its norm"),
-        Option("rescale", "1+c^2", one_of("rescale", cagrad.RESCALES), "what the update is divided by"),
-        Option("max_iter", DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the interior-point solve (T > 10, and the Triton solve)"),
-    ),
-    solve="cagrad",
-)
-
 REGISTRY: tuple[Method, ...] = (
     SUM,
     MEAN,
     pcgrad.METHOD,
-    CAGRAD,
+    cagrad.METHOD,
     mgda.METHOD,
+    upgrad.METHOD,
+    dualproj.METHOD,
     imtl_g.METHOD,
     aligned_mtl.METHOD,
     nash_mtl.METHOD,

@@ -44,6 +44,7 @@ import torch
 from ._common import check_gram, check_reduction, normalized, to_reduction
 from . import _cone, _supports
 from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
+from .spec import Method, Option, finite_number, one_of, positive_int
 
 RESCALES = ("1+c^2", "1+c", None)
 # Interior-point iterations of the projection the degenerate case uses beyond _cone.MAX_TASKS tasks
@@ -197,3 +198,18 @@ def _solve(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, max_iter: int) -
         return LocalModel(grad, hess, slope)
 
     return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)
+
+
+METHOD = Method(
+    name="CAGrad",
+    function="cagrad",
+    weights=cagrad_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("c", 0.4, finite_number("c", low=0.0), "radius of the ball around the mean gradient, relative to its norm"),
+        Option("rescale", "1+c^2", one_of("rescale", RESCALES), "what the update is divided by"),
+        Option("max_iter", DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the interior-point solve (T > 10, and the Triton solve)"),
+    ),
+    solve="cagrad",
+)

@@ -33,6 +33,7 @@ import torch
 from . import _cone
 from ._common import check_gram, check_reduction, symmetric64, to_reduction
 from .upgrad import Preference, check_max_iter, check_preference, preference, valid
+from .spec import Method, Option, positive_int
 
 BIBTEX = """@inproceedings{lopezpaz2017gradient,
   title     = {Gradient Episodic Memory for Continual Learning},
@@ -78,3 +79,16 @@ def dualproj_weights(
     else:
         w = T * _cone.project(G, p[None], max_iter=max_iter)[0]
     return to_reduction(w if pref_vector is None else valid(w, p), reduction)
+
+
+METHOD = Method(
+    name="DualProj",
+    function="dualproj",
+    weights=dualproj_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("pref_vector", None, check_preference, "the preference that weights the mean (None: uniform)"),
+        Option("max_iter", _cone.DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the projection solve beyond 9 tasks"),
+    ),
+)

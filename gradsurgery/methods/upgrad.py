@@ -43,6 +43,7 @@ import torch
 
 from . import _cone
 from ._common import check_gram, check_reduction, symmetric64, to_reduction
+from .spec import Method, Option, positive_int
 
 BIBTEX = """@article{quinton2024jacobian,
   title   = {Jacobian Descent For Multi-Objective Optimization},
@@ -137,3 +138,16 @@ def _two_tasks(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     r = torch.where(removed > 0, removed / G.diagonal().flip(0), 0.0)
     w = (p + (p * r).flip(0)).mul_(2)
     return torch.where(G.isfinite().all(), w, float("nan"))
+
+
+METHOD = Method(
+    name="UPGrad",
+    function="upgrad",
+    weights=upgrad_weights,
+    doc=__doc__ or "",
+    bibtex=BIBTEX,
+    options=(
+        Option("pref_vector", None, check_preference, "the preference over the tasks' projections (None: uniform)"),
+        Option("max_iter", _cone.DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the projection solve beyond 9 tasks"),
+    ),
+)
