@@ -40,7 +40,7 @@ from .prepare import (
     features_extra,
     through_features,
 )
-from .state import Accumulation, Layout
+from .state import Accumulation, Layout, Outcome
 from .taskgrads import ENGINES, SharedBuffer
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
@@ -137,7 +137,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.backend = backend
         self.sync = sync
         self._dist = _distributed.connect(process_group, sync)  # None: a single process
-        self.skipped_steps = 0
+        self._outcome = Outcome()
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
@@ -149,8 +149,6 @@ class GradSurgery(torch.optim.Optimizer):
         self._layout = Layout(explicit, engine)
         self._accumulation = Accumulation()
         self._grad_options = GradOptions(nonfinite, storage_dtype, chunk_size, backend)
-        self.last_gram: torch.Tensor | None = None
-        self.last_weights: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ torch.optim.Optimizer citizen
 
@@ -168,6 +166,21 @@ class GradSurgery(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+
+    @property
+    def last_gram(self) -> torch.Tensor | None:
+        """The last step's ``T × T`` Gram matrix (a tensor on the device: reading it does not sync)."""
+        return self._outcome.gram
+
+    @property
+    def last_weights(self) -> torch.Tensor | None:
+        """The last step's weights, with ``reduction`` applied (``None`` for an elementwise method)."""
+        return self._outcome.weights
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped under ``nonfinite="skip"``."""
+        return self._outcome.skipped_steps
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
@@ -188,7 +201,7 @@ class GradSurgery(torch.optim.Optimizer):
         accumulation.unstepped = False
         if accumulation.skip:
             accumulation.skip = False
-            self.skipped_steps += 1
+            self._outcome.skipped_steps += 1
             return None
         return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
@@ -239,7 +252,7 @@ class GradSurgery(torch.optim.Optimizer):
         if extra is not None:
             layout.num_tasks = extra.get("num_tasks") or layout.num_tasks
             layout.checkpoint_tasks = extra.get("num_tasks")
-            self.skipped_steps = extra.get("skipped_steps", 0)
+            self._outcome.skipped_steps = extra.get("skipped_steps", 0)
             self._load_method_state(extra)
 
     # ------------------------------------------------------------------ the method
@@ -350,7 +363,7 @@ class GradSurgery(torch.optim.Optimizer):
         _apply.write_specific(grads.specific)
         _apply.count(prepared, self._layout, self._accumulation, grads.reach_masks)
         if buffer is None:
-            self.last_gram = self.last_weights = None
+            self._outcome.gram = self._outcome.weights = None
             self._accumulation.wrote(None)
             return
         result = aggregate(
@@ -404,7 +417,7 @@ class GradSurgery(torch.optim.Optimizer):
         return True
 
     def _record(self, result: Aggregate) -> None:
-        self.last_gram, self.last_weights = result.gram, result.weights
+        self._outcome.gram, self._outcome.weights = result.gram, result.weights
 
     # ------------------------------------------------------------------ introspection
 
@@ -466,12 +479,17 @@ class MethodWrapper(GradSurgery):
         if method.random:
             params = all_params(optimizer)
             device = params[0].device if params else torch.device("cpu")
-            self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+            drawn = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
             if seed is None and self._dist is not None:
-                self.seed = self._dist.broadcast_seed(self.seed)  # every rank must draw the same numbers
+                drawn = self._dist.broadcast_seed(drawn)  # every rank must draw the same numbers
+            self._outcome.seed = drawn
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-        self._state: dict[str, torch.Tensor] | None = None
+            self.generator.manual_seed(drawn)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the wrapper's generator (random methods)."""
+        return self._outcome.seed
 
     @property
     def uses_loss_values(self) -> bool:  # type: ignore[override]
@@ -489,9 +507,10 @@ class MethodWrapper(GradSurgery):
         if method.state is None:
             return method.weights(G, reduction="sum", **self.options, **extra)
         T = G.shape[0]
-        if self._state is None or _state_tasks(self._state) != T:
-            self._state = method.state.init(T, G.device)
-        w, self._state = method.weights(G, reduction="sum", **self.options, **extra, state=self._state)
+        outcome = self._outcome
+        if outcome.method_state is None or _state_tasks(outcome.method_state) != T:
+            outcome.method_state = method.state.init(T, G.device)
+        w, outcome.method_state = method.weights(G, reduction="sum", **self.options, **extra, state=outcome.method_state)
         return w
 
     def _elementwise(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
@@ -513,7 +532,8 @@ class MethodWrapper(GradSurgery):
         if self.method.random:
             out.update(seed=self.seed, generator=self.generator.get_state())
         if self.method.state is not None:
-            out["state"] = None if self._state is None else {k: v.detach().clone() for k, v in self._state.items()}
+            state = self._outcome.method_state
+            out["state"] = None if state is None else {k: v.detach().clone() for k, v in state.items()}
         return out
 
     def _check_method_state(self, state: dict[str, Any]) -> None:
@@ -525,12 +545,12 @@ class MethodWrapper(GradSurgery):
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         if self.method.random and "generator" in state:
-            self.seed = state["seed"]
+            self._outcome.seed = state["seed"]
             self.generator.set_state(state["generator"])
         if self.method.state is not None and "state" in state:
             saved = state["state"]
             device = self.generator.device if self.method.random else None
-            self._state = None if saved is None else {k: v.to(device) if device else v.clone() for k, v in saved.items()}
+            self._outcome.method_state = None if saved is None else {k: v.to(device) if device else v.clone() for k, v in saved.items()}
 
 
 def _state_tasks(state: dict[str, torch.Tensor]) -> int:

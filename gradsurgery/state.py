@@ -5,7 +5,13 @@ single-process path (``optim``) and ``torch.distributed`` (``distributed``):
   task gradients, the number of tasks;
 - :class:`Accumulation`: what it has accumulated since the gradients were last cleared, and what it
   left in the shared ``.grad`` (a change by anyone else starts a new accumulation: see
-  :mod:`gradsurgery.grads`).
+  :mod:`gradsurgery.grads`);
+- :class:`Outcome`: what the last step produced (its Gram matrix and weights, the skipped steps) and
+  the method's own state across steps.
+
+The wrapper creates them once and only ever changes them in place: a framework's optimizer proxy
+that copies the wrapper's attributes (Lightning's ``LightningOptimizer``) then shares them, so the
+state lives in one place whichever object the calls go through.
 """
 
 from __future__ import annotations
@@ -94,3 +100,15 @@ class Accumulation:
 
     def wrote(self, buffer: SharedBuffer | None) -> None:
         self.written = None if buffer is None else Written.of(buffer.params)
+
+
+@dataclass
+class Outcome:
+    """What the steps produced: the last Gram matrix and weights (tensors, no host sync), the number of
+    skipped steps, and a method's state across steps (its seed, its tensors)."""
+
+    gram: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    skipped_steps: int = 0
+    seed: int | None = None
+    method_state: dict[str, torch.Tensor] | None = None
