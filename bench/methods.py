@@ -83,7 +83,7 @@ def make_wrapper(
     draws random numbers; ``common`` are the options every wrapper takes (``engine=``,
     ``storage_dtype=``, ``backend=``, ``nonfinite=``, ...).
     """
-    from gradsurgery.optim import WRAPPERS
+    from gradsurgery.wrappers import WRAPPERS
 
     method = lookup(name)
     extra = {"seed": seed} if method.random else {}

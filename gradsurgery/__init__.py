@@ -8,7 +8,8 @@ from . import functional, methods
 from .citation import bibtex, cite
 from .errors import NonFiniteGradientError
 from .methods import REGISTRY
-from .optim import WRAPPERS, GradSurgery, MethodWrapper, wrapper_class
+from .optim import GradSurgery, MethodWrapper
+from .wrappers import WRAPPERS, wrapper_class
 
 globals().update(WRAPPERS)
 

@@ -2,13 +2,12 @@
 
 Orchestration only: :mod:`~gradsurgery.prepare` checks the call and computes the per-task gradients,
 :mod:`~gradsurgery.pipeline` runs Gram → weights → combine, :mod:`~gradsurgery.apply` writes ``.grad``,
-and each method is a :class:`~gradsurgery.methods.spec.Method` from which :func:`wrapper_class` builds
-its wrapper (``gs.PCGrad``, ``gs.CAGrad``, ...).
+and each method is a :class:`~gradsurgery.methods.spec.Method` from which
+:func:`gradsurgery.wrappers.wrapper_class` builds its wrapper (``gs.PCGrad``, ``gs.CAGrad``, ...).
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
@@ -20,7 +19,6 @@ from . import backend as _backend
 from . import distributed as _distributed
 from .errors import NonFiniteGradientError
 from .grads import grad_norms
-from .methods import REGISTRY
 from .methods._common import check_reduction, to_reduction
 from .methods.spec import Method
 from .pipeline import Aggregate, Target, aggregate
@@ -31,6 +29,7 @@ from .prepare import (
     Prepared,
     PreparedGradients,
     all_params,
+    check_losses,
     check_real,
     check_shared,
     nonfinite_tasks,
@@ -288,14 +287,19 @@ class GradSurgery(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self, losses: Losses, *, features: torch.Tensor | None = None) -> None:
+    def backward(self, losses: Losses, *, features: torch.Tensor | None = None, scaler: Any = None) -> None:
         """Per-task gradients → surgery → ``.grad`` of every parameter the losses reach.
 
         ``features``: the shared representation every task head reads (representation mode): the
         weights come from the Gram matrix of ``∂L_t/∂features`` and one backward through the encoder
         carries ``Σ_t w_t ∂L_t/∂features``; the heads, and any path from a loss to an encoder
         parameter that bypasses ``features``, get their plain gradients.
+
+        ``scaler``: a ``torch.amp.GradScaler`` that scales the losses (the same as passing
+        ``scaler.scale(losses)``: the methods are positively homogeneous).
         """
+        if scaler is not None:
+            losses = scaler.scale(torch.stack([loss.reshape(()) for loss in check_losses(losses)]))
         if self._dist is not None:
             return self._dist.backward(self._call(losses, features))
         prepared = self._prepare(losses, features, write_early=True)
@@ -447,7 +451,8 @@ class GradSurgery(torch.optim.Optimizer):
 
 
 class MethodWrapper(GradSurgery):
-    """A wrapper built from a :class:`~gradsurgery.methods.spec.Method` (see :func:`wrapper_class`)."""
+    """A wrapper built from a :class:`~gradsurgery.methods.spec.Method` (see
+    :func:`gradsurgery.wrappers.wrapper_class`)."""
 
     method: Method
 
@@ -508,7 +513,7 @@ class MethodWrapper(GradSurgery):
             return method.weights(G, reduction="sum", **self.options, **extra)
         T = G.shape[0]
         outcome = self._outcome
-        if outcome.method_state is None or _state_tasks(outcome.method_state) != T:
+        if outcome.method_state is None or state_tasks(outcome.method_state) != T:
             outcome.method_state = method.state.init(T, G.device)
         w, outcome.method_state = method.weights(G, reduction="sum", **self.options, **extra, state=outcome.method_state)
         return w
@@ -539,7 +544,7 @@ class MethodWrapper(GradSurgery):
     def _check_method_state(self, state: dict[str, Any]) -> None:
         saved = state.get("state")
         if self.method.state is not None and saved is not None:
-            tasks = _state_tasks(saved)
+            tasks = state_tasks(saved)
             if self._layout.num_tasks is not None and tasks != self._layout.num_tasks:
                 raise ValueError(f"checkpoint's {self.method.name} state is for {tasks} tasks, not {self._layout.num_tasks}")
 
@@ -553,55 +558,11 @@ class MethodWrapper(GradSurgery):
             self._outcome.method_state = None if saved is None else {k: v.to(device) if device else v.clone() for k, v in saved.items()}
 
 
-def _state_tasks(state: dict[str, torch.Tensor]) -> int:
-    """T of a method's state: the leading dimension of its tensors."""
-    return next(iter(state.values())).shape[0]
+def state_tasks(state: dict[str, torch.Tensor]) -> int:
+    """T of a method's state: the last dimension of its tensors."""
+    return next(iter(state.values())).shape[-1]
 
 
 def _check_seed(seed: Any) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
-
-
-_COMMON = [
-    parameter
-    for parameter in inspect.signature(GradSurgery.__init__).parameters.values()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-]
-
-
-def wrapper_class(method: Method) -> type[GradSurgery]:
-    """``gs.<method.name>``: the optimizer wrapper of a method spec, with its options, then the
-    common ones, in its signature and docstring."""
-    own = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in method.options]
-    if method.random:
-        own.append(inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=None))
-    common = [p for p in _COMMON if p.name not in method.fixed]
-    optimizer = inspect.Parameter("optimizer", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.optim.Optimizer)
-    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    signature = inspect.Signature([self, optimizer, *own, *common])
-    option_lines = "".join(f"    - ``{o.name}`` (default ``{o.default!r}``): {o.doc}\n" for o in method.options)
-    if method.random:
-        option_lines += (
-            "    - ``seed`` (default ``None``): seeds the wrapper's own ``torch.Generator`` on the parameters' device\n"
-            "      (drawn from torch's global generator when ``None``, so ``torch.manual_seed`` makes runs\n"
-            "      reproducible); its state is part of ``state_dict()``.\n"
-        )
-    doc = f"{method.name} as an optimizer wrapper.\n\n{method.doc.strip()}\n"
-    if option_lines:
-        doc += f"\n    Options of {method.name}:\n\n{option_lines}"
-    doc += "\n    The options common to every wrapper are described in :class:`GradSurgery`."
-
-    def __init__(self: MethodWrapper, optimizer: torch.optim.Optimizer, **options: Any) -> None:
-        MethodWrapper.__init__(self, optimizer, **options)
-
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
-    __init__.__doc__ = f"Wrap ``optimizer`` with {method.name}; see the class documentation for the options."
-    attributes: dict[str, Any] = {"method": method, "__init__": __init__, "__doc__": doc, "__module__": __name__}
-    if not callable(method.reads_losses):  # a plain class attribute, readable on the class too
-        attributes["uses_loss_values"] = method.reads_losses
-    return type(method.name, (MethodWrapper,), attributes)
-
-
-WRAPPERS: dict[str, type[GradSurgery]] = {method.name: wrapper_class(method) for method in REGISTRY}
-globals().update(WRAPPERS)

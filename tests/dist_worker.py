@@ -36,7 +36,9 @@ def _factory(method: Method) -> Callable[..., gs.GradSurgery]:
 
 
 # Every registered method (Mean is Sum with reduction="mean": nothing of its own to check here).
-METHODS: dict[str, Callable[..., gs.GradSurgery]] = {m.name: _factory(m) for m in REGISTRY if m.name != "Mean"}
+METHODS: dict[str, Callable[..., gs.GradSurgery]] = {
+    m.name: _factory(m) for m in REGISTRY if m.name != "Mean" and m.loss is None  # loss weighting: one process
+}
 
 
 def refused(method: str, sync: str) -> bool:

@@ -48,7 +48,7 @@ def test_lookup_refuses_an_unknown_name_listing_the_choices() -> None:
 def test_make_wrapper_builds_the_registered_class_with_the_benchmarks_options(name: str) -> None:
     method = bm.lookup(name)
     opt = bm.make_wrapper(name, _inner(), engine="loop")
-    assert type(opt) is gs.optim.WRAPPERS[method.name]
+    assert type(opt) is gs.WRAPPERS[method.name]
     assert opt.engine == "loop"
     expected = {**method.defaults(), **bm.BENCH_OPTIONS.get(method.name, {})}
     assert {k: getattr(opt, k) for k in expected} == expected

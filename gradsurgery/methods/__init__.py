@@ -8,12 +8,12 @@ and the tests are generated from it.
 
 from __future__ import annotations
 
-from . import aligned_mtl, cagrad, config, dualproj, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw, upgrad
+from . import aligned_mtl, cagrad, config, dualproj, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw, upgrad, uw
 from .sum import MEAN, METHOD as SUM
 from .cagrad import cagrad_weights
 from .mgda import mgda_weights
 from .pcgrad import pcgrad_weights
-from .spec import Method, Option, State, finite_number, one_of, optional, positive_int
+from .spec import Method, Objective, Option, State, finite_number, one_of, optional, positive_int
 
 REGISTRY: tuple[Method, ...] = (
     SUM,
@@ -31,6 +31,7 @@ REGISTRY: tuple[Method, ...] = (
     config.METHOD,
     graddrop.METHOD,
     rlw.METHOD,
+    uw.METHOD,
 )
 
 
@@ -46,6 +47,7 @@ def by_name(name: str) -> Method:
 __all__ = [
     "REGISTRY",
     "Method",
+    "Objective",
     "Option",
     "State",
     "by_name",

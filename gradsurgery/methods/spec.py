@@ -50,8 +50,29 @@ class State:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """A loss-weighting method: one backward of an objective of the losses, no per-task gradients::
+
+        objective(losses, *, state, params, generator, **options) -> (scalar, new_state)
+
+    ``losses`` is the ``(T,)`` vector of the losses, still in the autograd graph; ``state`` the method's
+    tensors across steps (``init(T, device)`` makes the first), ``params`` its learnable parameters
+    (``learnable(T, device)`` makes them; the wrapper adds them to the inner optimizer as a parameter
+    group of their own), ``generator`` the wrapper's seeded generator (random methods). The returned
+    scalar is backpropagated once; the effective weights ``∂objective/∂L_t`` are what diagnostics
+    report. ``positive``: the method takes the logarithm of the losses (a loss ≤ 0 is refused).
+    """
+
+    objective: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    init: Callable[[int, torch.device], dict[str, torch.Tensor]] = lambda T, device: {}
+    learnable: Callable[[int, torch.device], dict[str, torch.Tensor]] | None = None
+    positive: bool = False
+
+
+@dataclass(frozen=True)
 class Method:
-    """A Gram-space method (or an elementwise one, with ``combine``)."""
+    """A Gram-space method (or an elementwise one, with ``combine``; or a loss-weighting one, with
+    ``loss``)."""
 
     name: str  # the wrapper class: gs.<name>
     function: str | None  # gs.functional.<function> and <function>_weights (None: no functional pair)
@@ -67,6 +88,7 @@ class Method:
     # writes the update into out in one pass (no weights, no Gram matrix).
     combine: Callable[..., torch.Tensor] | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)  # common options it fixes (Mean: reduction)
+    loss: Objective | None = None  # a loss-weighting method (weights unused)
 
     def defaults(self) -> dict[str, Any]:
         return {option.name: option.default for option in self.options}
