@@ -26,7 +26,7 @@ from .prepare import Losses, all_params, check_losses, check_real
 
 
 # Options of the gradient methods that mean nothing without per-task gradients.
-NOT_APPLICABLE = ("shared", "storage_dtype", "engine", "chunk_size", "process_group", "sync")
+NOT_APPLICABLE = ("shared", "storage_dtype", "engine", "chunk_size", "process_group", "sync", "every", "tasks_per_step")
 
 
 class LossWeightingWrapper(MethodWrapper):

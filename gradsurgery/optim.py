@@ -39,8 +39,9 @@ from .prepare import (
     features_extra,
     through_features,
 )
+from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_rows, pseudo_losses
 from .state import Accumulation, Layout, Outcome
-from .taskgrads import ENGINES, SharedBuffer
+from .taskgrads import ENGINES, SharedBuffer, reach
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
@@ -93,7 +94,10 @@ class GradSurgery(torch.optim.Optimizer):
       torch.distributed is initialised, otherwise a single process; a group of one is a single process);
     - ``sync``: ``"exact"`` (default: single-process training on the concatenated batch), ``"local"``
       (surgery per rank, final gradients averaged: an approximation) or ``"sharded"`` (``exact``'s
-      answer, less communication); see :mod:`gradsurgery.distributed`.
+      answer, less communication); see :mod:`gradsurgery.distributed`;
+    - ``every``: the weights are computed every ``every`` steps, one weighted backward in between;
+    - ``tasks_per_step``: ``k − 1`` drawn tasks and the mean of the others per step (``k`` backward
+      passes); see :mod:`gradsurgery.cheap` for both.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class GradSurgery(torch.optim.Optimizer):
         backend: str = "auto",
         process_group: Any = None,
         sync: str = "exact",
+        every: int = 1,
+        tasks_per_step: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
@@ -124,6 +130,8 @@ class GradSurgery(torch.optim.Optimizer):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         _distributed.check_sync(sync)
+        check_every(every)
+        check_tasks_per_step(tasks_per_step)
         params = all_params(optimizer)
         check_real(params)
         _backend.check_backend(backend, params[0].device if params else None)
@@ -148,6 +156,13 @@ class GradSurgery(torch.optim.Optimizer):
         self._layout = Layout(explicit, engine)
         self._accumulation = Accumulation()
         self._grad_options = GradOptions(nonfinite, storage_dtype, chunk_size, backend)
+        self.every, self.tasks_per_step = every, tasks_per_step
+        self._cheap = Cheap(every, tasks_per_step)
+        self._slots: Draw | None = None  # tasks_per_step: this step's drawn tasks, while the full step runs
+        if tasks_per_step is not None:
+            self._cheap.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        if self._dist is not None and (every > 1 or tasks_per_step is not None):
+            raise ValueError("every= and tasks_per_step= do not train over torch.distributed yet: pass neither, or no process group")
 
     # ------------------------------------------------------------------ torch.optim.Optimizer citizen
 
@@ -175,6 +190,18 @@ class GradSurgery(torch.optim.Optimizer):
     def last_weights(self) -> torch.Tensor | None:
         """The last step's weights, with ``reduction`` applied (``None`` for an elementwise method)."""
         return self._outcome.weights
+
+    @property
+    def last_slots(self) -> list[list[int]] | None:
+        """With ``tasks_per_step``: the tasks behind each row of the last step's Gram matrix and weights
+        (the drawn ones, then the others' pseudo-task); ``None`` otherwise."""
+        draw = self._cheap.draw
+        return None if draw is None else draw.slots
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether the last step computed the weights (``False``: an ``every=`` step that reused them)."""
+        return self._outcome.refreshed
 
     @property
     def skipped_steps(self) -> int:
@@ -232,6 +259,7 @@ class GradSurgery(torch.optim.Optimizer):
             "num_tasks": self._layout.num_tasks,
             "skipped_steps": self.skipped_steps,
             **self._method_state(),
+            **self._cheap_state(),
         }
         return state
 
@@ -253,6 +281,7 @@ class GradSurgery(torch.optim.Optimizer):
             layout.checkpoint_tasks = extra.get("num_tasks")
             self._outcome.skipped_steps = extra.get("skipped_steps", 0)
             self._load_method_state(extra)
+            self._load_cheap_state(extra)
 
     # ------------------------------------------------------------------ the method
 
@@ -302,12 +331,121 @@ class GradSurgery(torch.optim.Optimizer):
             losses = scaler.scale(torch.stack([loss.reshape(()) for loss in check_losses(losses)]))
         if self._dist is not None:
             return self._dist.backward(self._call(losses, features))
+        cheap = self._cheap
+        if cheap.every == 1 and cheap.tasks_per_step is None:
+            self._backward_full(losses, features)
+            return
+        checked = check_losses(losses)
+        if cheap.tasks_per_step is not None and cheap.tasks_per_step > len(checked):
+            raise ValueError(f"tasks_per_step={cheap.tasks_per_step} is more than the {len(checked)} losses given")
+        if not self._accumulation.continues():
+            cheap.start_step(len(checked))
+            cheap.draw = draw(len(checked), cheap.tasks_per_step, cheap.generator) if cheap.tasks_per_step else None
+        if cheap.refreshing:
+            self._backward_refresh(checked, features)
+        else:
+            self._backward_weighted(checked)
+
+    def _backward_full(self, losses: Losses, features: torch.Tensor | None) -> None:
         prepared = self._prepare(losses, features, write_early=True)
         if prepared.features is not None:
             self._backward_features(prepared, prepared.features)
         else:
             assert prepared.parameters is not None
             self._backward_parameters(prepared, prepared.parameters)
+
+    def _backward_refresh(self, losses: list[torch.Tensor], features: torch.Tensor | None) -> None:
+        """A full step (on the drawn tasks with ``tasks_per_step``) whose weights, over all ``T`` tasks,
+        the steps until the next refresh reuse."""
+        cheap = self._cheap
+        T = len(losses)
+        drawn = cheap.draw
+        if drawn is not None and self._layout.sharing is not None and self._layout.sharing.owners:
+            raise ValueError(
+                "tasks_per_step with losses fused into one tensor (a stacked or vectorised loss, a compiled model): "
+                "which head belongs to which task cannot be told apart from step to step; pass shared= to name the "
+                "shared parameters, or pass the losses as separate tensors"
+            )
+        self._slots = drawn
+        try:
+            self._backward_full(losses if drawn is None else pseudo_losses(losses, drawn), features)
+        finally:
+            self._slots = None
+        weights = self.last_weights
+        if weights is None:  # refused (skip), or nothing shared: the next step refreshes again
+            cheap.weights = None
+            return
+        cheap.weights = weights if drawn is None else expand(weights, drawn, T)
+        cheap.owners = self._owners(losses)
+        self._outcome.refreshed = True
+
+    def _owners(self, losses: list[torch.Tensor]) -> dict[int, int]:
+        """The task of each task-specific parameter (a head), as the graph and the sharing tell."""
+        params = [p for p in all_params(self.optimizer) if p.requires_grad]
+        shared = self._layout.sharing.shared if self._layout.sharing is not None else set()
+        owners = {pid: t for pid, t in (self._layout.sharing.owners.items() if self._layout.sharing else [])}
+        for p, column in zip(params, zip(*reach(losses, params))):
+            tasks = [t for t, hit in enumerate(column) if hit]
+            if id(p) not in shared and id(p) not in owners and len(tasks) == 1:
+                owners[id(p)] = tasks[0]
+        return owners
+
+    def _backward_weighted(self, losses: list[torch.Tensor]) -> None:
+        """Between refreshes: one backward of ``Σ_t w_t L_t``; each head's gradient divided by its task's
+        weight (its plain gradient)."""
+        cheap = self._cheap
+        assert cheap.weights is not None
+        T = len(losses)
+        params = [p for p in all_params(self.optimizer) if p.requires_grad]
+        weights = backward_weights(cheap.weights)
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        grads = list(torch.autograd.grad(stacked, params, grad_outputs=weights.to(stacked.dtype), allow_unused=True))
+        if self.nonfinite != "propagate":
+            values = stacked.detach()
+            bad = (~values.isfinite()).nonzero().flatten().tolist()
+            present = [g for g in grads if g is not None]
+            if not bad and present and not bool(grad_norms(present).isfinite().all()):
+                bad = list(range(T))
+            if self._refuse_nonfinite(bad, T):
+                return
+        for i, p in enumerate(params):
+            owner = cheap.owners.get(id(p))
+            if owner is not None and grads[i] is not None:
+                grads[i] = grads[i] / weights[owner].to(grads[i].dtype)
+        accumulation = self._accumulation
+        if not accumulation.continues():
+            accumulation.start()
+        _apply.write_specific([(p, [g]) for p, g in zip(params, grads) if g is not None])
+        accumulation.tasks = T
+        accumulation.unstepped = True
+        accumulation.wrote(self._layout.buffer)
+        self._outcome.refreshed = False
+
+    def _cheap_state(self) -> dict[str, Any]:
+        cheap = self._cheap
+        if cheap.every == 1 and cheap.tasks_per_step is None:
+            return {}
+        index = {id(p): i for i, p in enumerate(all_params(self.optimizer))}
+        return {
+            "cheap": {
+                "steps": cheap.steps,
+                "weights": None if cheap.weights is None else cheap.weights.clone(),
+                "owners": {index[pid]: t for pid, t in cheap.owners.items() if pid in index},
+                "generator": None if cheap.generator is None else cheap.generator.get_state(),
+            }
+        }
+
+    def _load_cheap_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("cheap")
+        if saved is None:
+            return
+        cheap = self._cheap
+        params = all_params(self.optimizer)
+        cheap.steps = saved["steps"]
+        cheap.weights = saved["weights"]
+        cheap.owners = {id(params[i]): t for i, t in saved["owners"].items()}
+        if cheap.generator is not None and saved["generator"] is not None:
+            cheap.generator.set_state(saved["generator"])
 
     def _prepare(self, losses: Losses, features: torch.Tensor | None, *, write_early: bool) -> Prepared:
         return prepare(
@@ -322,7 +460,11 @@ class GradSurgery(torch.optim.Optimizer):
         )
 
     def _weights_of(self, losses: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda G: to_reduction(self.weights(G, losses), self.reduction)
+        slots = self._slots
+        if slots is None:
+            return lambda G: to_reduction(self.weights(G, losses), self.reduction)
+        # tasks_per_step: the last row is the sum of the others' gradients; their mean chooses the weights
+        return lambda G: to_reduction(self.weights(mean_rows(G, slots), losses), self.reduction)
 
     def _call(self, losses: Losses, features: torch.Tensor | None) -> _distributed.BackwardCall:
         """This call as torch.distributed sees it: explicit state and callables, no wrapper internals."""
@@ -444,7 +586,10 @@ class GradSurgery(torch.optim.Optimizer):
             raise RuntimeError("diagnostics() needs a backward() first")
         from .diagnostics import gram_diagnostics, to_floats
 
-        return to_floats(gram_diagnostics(self.last_gram, self.last_weights))
+        report = to_floats(gram_diagnostics(self.last_gram, self.last_weights))
+        if self.every > 1:
+            report["refreshed"] = self.refreshed
+        return report
 
 
 # ---------------------------------------------------------------------- wrappers from method specs
@@ -471,6 +616,13 @@ class MethodWrapper(GradSurgery):
             raise ValueError(
                 f'{method.name} draws its random numbers per column of the buffer: sync="sharded" splits the columns '
                 'across ranks and would repeat the draws on each; use sync="exact" (the same update, more traffic)'
+            )
+        if method.combine is not None and options.get("every", 1) != 1:
+            raise ValueError(f"{method.name} has no weights to reuse between steps: every= does not apply to it")
+        if method.state is not None and options.get("tasks_per_step") is not None:
+            raise ValueError(
+                f"{method.name}'s state belongs to the tasks, step after step; tasks_per_step= would mix other tasks "
+                "into its pseudo-task every step"
             )
         if method.state is not None and sync == "local":
             raise ValueError(

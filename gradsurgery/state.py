@@ -112,3 +112,4 @@ class Outcome:
     skipped_steps: int = 0
     seed: int | None = None
     method_state: dict[str, torch.Tensor] | None = None
+    refreshed: bool = True  # the last step computed the weights (False: a cheap step reused them)
