@@ -162,7 +162,12 @@ class GradSurgery(torch.optim.Optimizer):
         if tasks_per_step is not None:
             self._cheap.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         if self._dist is not None and (every > 1 or tasks_per_step is not None):
-            raise ValueError("every= and tasks_per_step= do not train over torch.distributed yet: pass neither, or no process group")
+            raise ValueError(
+                "every= and tasks_per_step= are not implemented over torch.distributed: the steps between refreshes "
+                "and the task draws would need their own agreement between the ranks (same weights, same draws, "
+                "averaged gradients), which does not exist yet. Train these modes in one process, or use "
+                "representation mode (features=) for a cheaper distributed step"
+            )
 
     # ------------------------------------------------------------------ torch.optim.Optimizer citizen
 
