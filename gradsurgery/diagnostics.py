@@ -9,9 +9,11 @@ actually reads them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["gram_diagnostics", "to_floats"]
+__all__ = ["flatten", "gram_diagnostics", "to_floats"]
 
 
 def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -76,4 +78,22 @@ def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
         if not t.is_floating_point():
             chunk = chunk.round().to(torch.int64)
         out[key] = chunk.tolist()
+    return out
+
+
+def flatten(report: dict[str, Any]) -> dict[str, float]:
+    """``to_floats``'s report as ``{name: float}``: ``norm/<t>``, ``cos/<i>-<j>`` for ``i < j``,
+    ``weight/<t>``, and the scalars under their own names (``conflicts``; booleans as 0.0/1.0)."""
+    out: dict[str, float] = {}
+    singular = {"norms": "norm", "weights": "weight"}
+    for key, value in report.items():
+        if key == "cosine":
+            for i, row in enumerate(value):
+                for j in range(i + 1, len(row)):
+                    out[f"cos/{i}-{j}"] = float(row[j])
+        elif isinstance(value, list):
+            name = singular.get(key, key)
+            out.update({f"{name}/{t}": float(v) for t, v in enumerate(value)})
+        else:
+            out[key] = float(value)
     return out

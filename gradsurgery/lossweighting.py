@@ -158,11 +158,12 @@ class LossWeightingWrapper(MethodWrapper):
             for name, value in state.get("learned", {}).items():
                 self.learned[name].copy_(value)
 
-    def diagnostics(self) -> dict[str, Any]:
+    def diagnostics(self, *, flat: bool = False) -> dict[str, Any]:
         """The last step's effective weights ``∂objective/∂L_t`` as plain floats (there is no Gram
-        matrix: no per-task gradient is computed)."""
+        matrix: no per-task gradient is computed); ``flat=True``: ``{"weight/<t>": float}``."""
         if self.last_weights is None:
             raise RuntimeError("diagnostics() needs a backward() first")
-        from .diagnostics import to_floats
+        from .diagnostics import flatten, to_floats
 
-        return to_floats({"weights": self.last_weights})
+        report = to_floats({"weights": self.last_weights})
+        return flatten(report) if flat else report

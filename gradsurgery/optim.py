@@ -577,8 +577,12 @@ class GradSurgery(torch.optim.Optimizer):
         """The shared parameters' buffer (tests and benchmarks look at its layout)."""
         return self._layout.buffer
 
-    def diagnostics(self) -> dict[str, Any]:
+    def diagnostics(self, *, flat: bool = False) -> dict[str, Any]:
         """The last step's gradient norms, cosine similarities, conflicts and weights as plain floats.
+
+        ``flat=True`` returns ``{name: float}`` with stable names — ``norm/<t>``, ``cos/<i>-<j>`` (``i < j``),
+        ``weight/<t>``, ``conflicts`` (and ``refreshed`` with ``every=``) — ready for
+        ``SummaryWriter.add_scalars``, Lightning's ``log_dict`` or any dict-logging tracker.
 
         This reads tensors back to the host: call it when logging, not on every step of a fast loop.
         """
@@ -589,12 +593,12 @@ class GradSurgery(torch.optim.Optimizer):
             )
         if self.last_gram is None:
             raise RuntimeError("diagnostics() needs a backward() first")
-        from .diagnostics import gram_diagnostics, to_floats
+        from .diagnostics import flatten, gram_diagnostics, to_floats
 
         report = to_floats(gram_diagnostics(self.last_gram, self.last_weights))
         if self.every > 1:
             report["refreshed"] = self.refreshed
-        return report
+        return flatten(report) if flat else report
 
 
 # ---------------------------------------------------------------------- wrappers from method specs

@@ -56,6 +56,8 @@ def wrapper_class(method: Method) -> type[GradSurgery]:
     attributes: dict[str, Any] = {"method": method, "__init__": __init__, "__doc__": doc, "__module__": "gradsurgery"}
     if not callable(method.reads_losses) and method.loss is None:  # a plain class attribute, readable on the class
         attributes["uses_loss_values"] = method.reads_losses
+    for alias, target in method.aliases.items():
+        attributes[alias] = getattr(base, target)
     return type(method.name, (base,), attributes)
 
 

@@ -176,3 +176,28 @@ def test_diagnostics_properties(J: np.ndarray, scale: float) -> None:
     assert torch.allclose(scaled["norms"], diag["norms"] * scale, rtol=1e-9, atol=0.0)
     assert torch.allclose(scaled["cosine"], cos, rtol=1e-9, atol=1e-9)
     assert int(scaled["conflicts"]) == int(diag["conflicts"])
+
+
+def test_flat_diagnostics_have_stable_names_and_log_through_tensorboard_style_dicts() -> None:
+    import gradsurgery as gs
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Parameter(torch.randn(4))
+    targets = torch.randn(3, 4)
+    opt = gs.MGDA(torch.optim.SGD([trunk], lr=0.1))
+    opt.backward([((trunk - t) ** 2).sum() for t in targets])
+    flat = opt.diagnostics(flat=True)
+    nested = opt.diagnostics()
+    assert set(flat) == {"norm/0", "norm/1", "norm/2", "cos/0-1", "cos/0-2", "cos/1-2", "weight/0", "weight/1", "weight/2", "conflicts"}
+    assert all(isinstance(v, float) for v in flat.values())
+    assert flat["cos/1-2"] == nested["cosine"][1][2] and flat["weight/2"] == nested["weights"][2]
+    assert flat["conflicts"] == nested["conflicts"]
+
+
+def test_pc_backward_is_backward() -> None:
+    import gradsurgery as gs
+
+    trunk = torch.nn.Parameter(torch.randn(4))
+    opt = gs.PCGrad(torch.optim.SGD([trunk], lr=0.1), seed=0)
+    opt.pc_backward([(trunk**2).sum(), (trunk - 1).sum()])
+    assert trunk.grad is not None and gs.PCGrad.pc_backward is gs.GradSurgery.backward

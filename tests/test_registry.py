@@ -152,7 +152,7 @@ def test_a_checkpoint_resumes_bit_identically(name: str) -> None:
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", [m.name for m in REGISTRY if m.state is not None])
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.state is not None])
 def test_a_stateful_method_refuses_a_checkpoint_for_another_number_of_tasks(name: str) -> None:
     method = METHODS[name]
     model = Model()

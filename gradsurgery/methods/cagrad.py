@@ -5,8 +5,8 @@ With ``g0 = (1/T)Σ_t g_t``, ``b = G·1/T`` and ``φ = c·‖g0‖ = c·sqrt(1�
     w* = argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)        (= g_wᵀg0 + φ‖g_w‖,  g_w = Σ_t w_t g_t)
 
 and return ``d = (g0 + λ·g_{w*}) / rescale`` with ``λ = φ / ‖g_{w*}‖``, put on the sum scale (``×T``):
-``w_t = (1 + T·λ·w*_t) / rescale``. ``rescale`` is ``1 + c²`` (the official code's default), ``1 + c`` or
-``None`` (1). ``c = 0`` is exactly naive summation.
+``w_t = (1 + T·λ·w*_t) / rescale``. ``rescale`` is ``1 + c²`` (what the official trainers use), ``1 + c``
+or ``None`` (1). ``c = 0`` is exactly naive summation.
 
 ``g0 + λ·g_{w*}`` solves CAGrad's primal problem ``max_d min_t g_tᵀd`` s.t. ``‖d − g0‖ ≤ φ``, whose value
 is the dual optimum ``F*``. **When** ``g_{w*} = 0`` (0 is in the convex hull of the gradients and nothing
@@ -15,7 +15,7 @@ in it descends along ``−g0``: always for ``c ≥ 1`` once 0 is in the hull), `
 ``F* = 0`` and every ``d`` in the ball that conflicts with no task (``d ∈ K``, the dual cone) is
 primal-optimal; ``K`` meets the ball (strong duality), so the projection ``p`` of ``g0`` onto ``K`` is one.
 So when ``‖g_{w*}‖² ≤ η·max_t‖g_t‖²``, ``η = (T·ε)^(2/3)`` (``ε`` of G's dtype: below it ``‖g_{w*}‖`` is
-not resolved from G's rounding, see ``_unless_degenerate``), the update is ``d = g0 + min(1, φ/r)·(p − g0)``,
+not resolved from G's rounding), the update is ``d = g0 + min(1, φ/r)·(p − g0)``,
 ``r = ‖p − g0‖``: ``p`` itself whenever it is in the ball, then divided by ``rescale`` and put on the sum
 scale like the dual formula's (``w = (1 + min(1, φ/r)·(T·v − 1)) / rescale`` with ``p = Jᵀv``). It is
 primal-optimal to ``(T·ε)^(1/3)`` relative (``F*`` is within ``‖g_{w*}‖·(φ + ‖g0‖)`` of 0), finite, feasible
@@ -24,15 +24,16 @@ the threshold (``c < 1`` and a hull that nearly touches 0, an ill-conditioned pr
 the feasible point toward ``K``, not certified optimal. The official code divides by ``‖g_{w*}‖`` unguarded
 (NaN at ``g_{w*} = 0``); its dual solver's tolerance makes the noise regime wider.
 
-``c = 0.4`` is the value of the official NYUv2 and Cityscapes runs. ``T = 2`` is solved in closed form
+``c = 0.4`` is the value of the official NYUv2 and Cityscapes run scripts (Cityscapes also runs 0.6; the
+scripts' own default is 0.5). ``T = 2`` is solved in closed form
 (a one-dimensional convex problem: the stationary point of ``f(u)``, ``w = (u, 1 − u)``, clipped to
-``[0, 1]``); up to ``_supports.MAX_TASKS`` (10) tasks the dual is solved exactly from the optimality
-conditions on every face of the simplex at once. Larger ``T`` runs the fixed-budget interior-point
-solver of ``_simplex`` on the normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` along
+``[0, 1]``); up to 10 tasks the dual is solved exactly from the optimality
+conditions on every face of the simplex at once. Larger ``T`` runs a fixed-budget interior-point
+solver on the normalised problem, smoothing ``‖g_w‖`` to ``sqrt(‖g_w‖² + 1/t²)`` along
 the barrier path (error ``≤ φ/t``, ``t`` reaching ``1e14``); it reaches the minimum to ``1e-6``
-relative in ``max_iter = 48`` iterations, and an exact solve on the faces its weights point to
-(``_supports.polish_cagrad_dual``) then takes it to rounding whenever that face is non-degenerate.
-The official code uses SciPy's SLSQP at its default tolerance instead.
+relative in ``max_iter = 48`` iterations, and an exact solve on the faces its weights point to then
+takes it to rounding whenever that face is non-degenerate. The official code uses SciPy's SLSQP
+(NYUv2, T = 3) or a bounded scalar minimisation (Cityscapes, T = 2), at default tolerances, instead.
 """
 
 from __future__ import annotations

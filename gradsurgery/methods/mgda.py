@@ -16,11 +16,10 @@ their plain gradient.
 (½ when both gradients coincide); the official code returns the same closed form inside ``(0, 1)`` but
 0.999 or 0.001 in place of a vertex solution (and for equal or zero gradients). The official iterative
 solver for ``T > 2`` has no iteration bound (its ``MAX_ITER`` counter is never incremented) and stops
-when ``α`` moves less than 1e-5, which can be short of the minimum. Up to
-``_supports.MAX_TASKS`` (10) tasks the min-norm point is found exactly, from the optimality systems of
-all faces of the simplex at once (KKT residual at rounding level). Larger ``T`` runs the fixed-budget
-interior-point solver of ``_simplex`` for ``max_iter = 48`` iterations, then solves exactly on the
-faces its weights point to (``_supports.polish_min_norm``) and keeps the better point. The KKT residual
+when ``α`` moves less than 1e-5, which can be short of the minimum. Up to 10 tasks the min-norm point is found exactly, from the optimality systems of
+all faces of the simplex at once (KKT residual at rounding level). Larger ``T`` runs a fixed-budget
+interior-point solver for ``max_iter = 48`` iterations, then solves exactly on the faces its weights
+point to and keeps the better point. The KKT residual
 ``αᵀ∇ − min_i ∇_i`` (the Frank–Wolfe gap), relative to ``max_t ‖ĝ_t‖²``, is then at rounding level
 (≤ 5e-13 measured up to T = 64) whenever the gradients on the support are affinely independent. When
 they are not (rank-deficient gradients), the interior point's own answer stands: ~1e-12 for

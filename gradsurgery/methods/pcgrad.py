@@ -112,4 +112,5 @@ METHOD = Method(
     bibtex=BIBTEX,
     random=True,
     solve="pcgrad",
+    aliases={"pc_backward": "backward"},  # the name Pytorch-PCGrad's users type
 )

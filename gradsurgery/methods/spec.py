@@ -89,6 +89,7 @@ class Method:
     combine: Callable[..., torch.Tensor] | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)  # common options it fixes (Mean: reduction)
     loss: Objective | None = None  # a loss-weighting method (weights unused)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # other names of wrapper methods (a port's habits)
 
     def defaults(self) -> dict[str, Any]:
         return {option.name: option.default for option in self.options}
