@@ -8,8 +8,8 @@ passes glibc's mmap threshold, 32 MiB, i.e. at ``P = 16M``), ``gs.functional.{pc
 and TorchJD's aggregator of the same method called on the same ``J``. Before the timings: the cosine
 between our update and TorchJD's, and how exactly each solves MGDA's min-norm problem.
 
-**Weights** (``G`` given; every method of ``gradsurgery.methods.REGISTRY`` that has weights, i.e. all
-but the elementwise ones). For ``T ∈ {2, 8, 32}``, one interleaved run per ``T``: our
+**Weights** (``G`` given; every method of ``gradsurgery.methods.REGISTRY`` that has weights from ``G``:
+not the elementwise ones, nor the loss-weighting ones). For ``T ∈ {2, 8, 32}``, one interleaved run per ``T``: our
 ``gs.functional.<function>_weights(G)`` (``bench.methods.weights_function``: the benchmarks' options, a
 seeded generator, a stateful method's state carried from call to call) beside TorchJD's weighting of
 the same method (``bench.peers``) on the same fp32 ``G``, or, where TorchJD's reads rows (Sum, Mean,
@@ -43,7 +43,7 @@ import torch
 
 import gradsurgery as gs
 from bench import harness
-from bench.methods import CAGRAD_C, ORIGINAL, aggregate_function, elementwise, lookup, names, weights_function
+from bench.methods import CAGRAD_C, ORIGINAL, aggregate_function, lookup, names_of, weights_function
 from bench.peers import torchjd_aggregator, torchjd_peer, torchjd_weighting
 
 RANK = 8  # J = noise + a rank-8 mixture: rows with positive and negative inner products (conflicts)
@@ -213,8 +213,8 @@ def bench_grid(args: argparse.Namespace) -> list[list[object]]:
 
 
 def weights_methods() -> list[str]:
-    """Every registered method that has weights from ``G`` (all but the elementwise ones)."""
-    return [name for name in names() if not elementwise(name)]
+    """Every registered method that has weights from ``G`` (the Gram-space ones)."""
+    return list(names_of("gram"))
 
 
 def _torchjd_weights(name: str, T: int, G: torch.Tensor, L: torch.Tensor) -> tuple[Callable[[], torch.Tensor], bool, str]:

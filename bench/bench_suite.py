@@ -4,7 +4,8 @@ The problems (an MLP at ``T ∈ {2, 4, 8, 16}`` and a conv encoder at ``T = 3``)
 step (naive summation, the T-backward floor, our wrappers in three modes, TorchJD autojac and autogram,
 pytorch-optimizer) are described in ``bench.suite.variants``. The original three methods (PCGrad,
 CAGrad, MGDA) run on every problem; every other method of ``gradsurgery.methods.REGISTRY`` runs on the
-MLP at ``T = 8`` (``EVERY_METHOD_T``), loop engine. Also: the tiny-problem overhead over the 2-backward
+MLP at ``T = 8`` (``EVERY_METHOD_T``): the gradient methods with the loop engine, the loss-weighting
+ones as their one backward. Also: the tiny-problem overhead over the 2-backward
 floor (``bench.tiny``), and, for the MLP at T = 8 and the conv model, the peak extra resident memory in a
 fresh process (``bench.suite.measure``). Every target of the issues is checked against the run
 (``bench.suite.targets``); ``bench.suite.report`` prints and writes the tables and the plot.
@@ -37,7 +38,7 @@ from bench.suite.measure import MEMORY_KINDS, bench_memory, bench_time, bench_ti
 from bench.suite.profile import profile
 from bench.suite.report import load_last_run, render
 from bench.suite.targets import targets
-from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, Spec
+from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, Spec
 
 EVERY_METHOD_T = 8  # the MLP's T at which every registered method is timed
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for spec, (warmup, budget, every) in plan.items():
-        kinds = (*KINDS, *EVERY_METHOD_KINDS) if every else KINDS
+        kinds = (*KINDS, *EVERY_METHOD_KINDS, *LOSS_KINDS) if every else KINDS
         rows.append(bench_time(spec, kinds, warmup=warmup, budget_s=budget, out=out, run_id=run_id))
     tiny = bench_tiny(rounds=tiny_rounds, budget_s=tiny_budget, out=out, run_id=run_id)
     print("  tiny: done", flush=True)

@@ -9,6 +9,10 @@ the registry is in the step suite, the aggregation benchmark, the tiny problem a
   name (``"NashMTL"``), in any case.
 - The benchmarks' **own choices** of a method's options are :data:`BENCH_OPTIONS` (CAGrad's ``c``);
   every other option keeps the library's default. Methods that draw random numbers get ``seed``.
+- Three **kinds** (:func:`kind`): ``"gram"`` (weights from the Gram matrix: PCGrad, CAGrad, ...),
+  ``"elementwise"`` (needs ``J`` itself: GradDrop) and ``"loss"`` (one backward of an objective of the
+  losses, no per-task gradients: UW, DWA, ...). Only ``"gram"`` methods have weights from ``G``; only
+  ``"loss"`` methods take ``num_tasks`` and refuse the per-task-gradient options (``engine=``, ...).
 
 Importing this module imports neither torch nor gradsurgery (the GPU step sets Triton's interpreter
 switch before the library loads); the functions do.
@@ -60,9 +64,17 @@ def lookup(name: str) -> Method:
     raise ValueError(f"unknown method {name!r}; choose from {','.join(names())} (or their wrapper names)")
 
 
-def elementwise(name: str) -> bool:
-    """Whether the method needs ``J`` itself (no weights from ``G``)."""
-    return lookup(name).combine is not None
+def kind(name: str) -> str:
+    """``"gram"``, ``"elementwise"`` or ``"loss"`` (see the module docstring)."""
+    method = lookup(name)
+    if getattr(method, "loss", None) is not None:
+        return "loss"
+    return "elementwise" if method.combine is not None else "gram"
+
+
+def names_of(*kinds: str) -> tuple[str, ...]:
+    """The registered names of those kinds, in the registry's order."""
+    return tuple(name for name in names() if kind(name) in kinds)
 
 
 def method_options(method: Method, options: Options | None = None) -> dict[str, Any]:
@@ -74,20 +86,30 @@ def method_options(method: Method, options: Options | None = None) -> dict[str, 
 
 
 def make_wrapper(
-    name: str, optimizer: torch.optim.Optimizer, *, seed: int = SEED, options: Options | None = None, **common: Any
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    seed: int = SEED,
+    options: Options | None = None,
+    num_tasks: int | None = None,
+    **common: Any,
 ) -> gs.GradSurgery:
     """``gs.<Name>(optimizer, ...)`` for the method called ``name``.
 
     ``options`` maps wrapper names to method options that replace the benchmarks' (e.g. the toy's
     ``{"CAGrad": {"c": 0.5}}``; a method not named there keeps its own); ``seed`` seeds a method that
-    draws random numbers; ``common`` are the options every wrapper takes (``engine=``,
-    ``storage_dtype=``, ``backend=``, ``nonfinite=``, ...).
+    draws random numbers; ``num_tasks`` goes to a loss-weighting method (those with learnable
+    parameters need it) and nowhere else; ``common`` are the wrapper options (``engine=``,
+    ``storage_dtype=``, ``backend=``, ``nonfinite=``, ...), which a loss-weighting wrapper checks
+    (it refuses those about per-task gradients).
     """
-    from gradsurgery.wrappers import WRAPPERS
+    import gradsurgery
 
     method = lookup(name)
-    extra = {"seed": seed} if method.random else {}
-    return WRAPPERS[method.name](optimizer, **method_options(method, options), **extra, **common)
+    extra: dict[str, Any] = {"seed": seed} if method.random else {}
+    if kind(name) == "loss":
+        extra["num_tasks"] = num_tasks
+    return getattr(gradsurgery, method.name)(optimizer, **method_options(method, options), **extra, **common)
 
 
 def weights_function(
@@ -96,14 +118,14 @@ def weights_function(
     """``G → w`` for the method called ``name``: ``gs.functional.<function>_weights`` with the benchmarks'
     options (``Sum``/``Mean``, which have no functional pair: the spec's weights). A random method draws
     from its own generator, seeded once; a stateful one carries its state from call to call, as the
-    wrapper does. ``ValueError`` for an elementwise method (it has no weights from ``G``)."""
+    wrapper does. ``ValueError`` for a method of another kind (it has no weights from ``G``)."""
     import torch
 
     import gradsurgery.functional as F
 
     method = lookup(name)
-    if method.combine is not None:
-        raise ValueError(f"{method.name} is elementwise: it needs J, it has no weights from G")
+    if kind(name) != "gram":
+        raise ValueError(f"{method.name} is a {kind(name)} method: it has no weights from G")
     kwargs = method_options(method, options)
     if method.function is None:
         return lambda G: method.weights(G, **method.fixed, **kwargs)
@@ -126,12 +148,14 @@ def aggregate_function(
 ) -> Callable[..., torch.Tensor]:
     """``J → d`` (``out=`` accepted) for the method called ``name``: ``gs.functional.<function>`` with the
     benchmarks' options (``Sum``/``Mean``: ``gs.functional.aggregate`` with their weights); a stateful
-    method carries its state from call to call."""
+    method carries its state from call to call. ``ValueError`` for a loss-weighting method (no ``J``)."""
     import torch
 
     import gradsurgery.functional as F
 
     method = lookup(name)
+    if kind(name) == "loss":
+        raise ValueError(f"{method.name} weights the losses: it computes no per-task gradients to aggregate")
     if method.function is None:
         weights = weights_function(name, seed=seed, options=options)
         return lambda J, out=None: F.aggregate(J, weights, out=out)
@@ -153,9 +177,12 @@ def aggregate_function(
 def engine_in_use(wrapper: gs.GradSurgery, device: torch.device) -> str:
     """The engine a wrapper computes the task gradients with, from its public ``engine`` option and the
     documented rule for ``"auto"`` (the loop where the batched backward is not preferred, e.g. the CPU;
-    there, batched with the loop as fallback). The wrapper does not expose which one a step ran."""
+    there, batched with the loop as fallback); none for a loss-weighting wrapper (one backward). The
+    wrapper does not expose which one a step ran."""
     from gradsurgery.taskgrads import prefers_batched
 
+    if kind(wrapper.method.name) == "loss":
+        return "none (one backward)"
     if wrapper.engine != "auto":
         return wrapper.engine
     return "batched (loop if vmap cannot run the graph)" if prefers_batched(device) else "loop"

@@ -80,7 +80,7 @@ def make_tiny_step(kind: str) -> Callable[[], None]:
 
     elif kind.startswith("gs-"):
         name, loop = kind[3:].removesuffix("-loop"), kind.endswith("-loop")
-        wrapper = make_wrapper(name, opt, **({"engine": "loop"} if loop else {}))
+        wrapper = make_wrapper(name, opt, num_tasks=2, **({"engine": "loop"} if loop else {}))
 
         def step() -> None:
             wrapper.zero_grad()

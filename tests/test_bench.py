@@ -14,6 +14,7 @@ from bench import methods as bm
 from gradsurgery.methods import REGISTRY
 
 NAMES = [method.function or method.name.lower() for method in REGISTRY]
+GRAM = [name for name in NAMES if bm.kind(name) == "gram"]
 
 
 def _inner() -> torch.optim.Optimizer:
@@ -47,9 +48,14 @@ def test_lookup_refuses_an_unknown_name_listing_the_choices() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_make_wrapper_builds_the_registered_class_with_the_benchmarks_options(name: str) -> None:
     method = bm.lookup(name)
-    opt = bm.make_wrapper(name, _inner(), engine="loop")
+    if bm.kind(name) == "loss":  # one backward: no engine; learnable parameters need num_tasks
+        opt = bm.make_wrapper(name, _inner(), num_tasks=2)
+        with pytest.raises(ValueError, match="engine= does not apply"):
+            bm.make_wrapper(name, _inner(), num_tasks=2, engine="loop")
+    else:
+        opt = bm.make_wrapper(name, _inner(), num_tasks=2, engine="loop")  # num_tasks: not passed on
+        assert opt.engine == "loop"
     assert type(opt) is gs.WRAPPERS[method.name]
-    assert opt.engine == "loop"
     expected = {**method.defaults(), **bm.BENCH_OPTIONS.get(method.name, {})}
     assert {k: getattr(opt, k) for k in expected} == expected
     if method.random:
@@ -67,7 +73,7 @@ def test_options_replace_the_benchmarks_for_the_named_method_only() -> None:
         bm.make_wrapper("cagrad", _inner(), options={"CAGrad": {"radius": 0.5}})
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if bm.lookup(n).combine is None])
+@pytest.mark.parametrize("name", GRAM)
 def test_weights_function_is_the_functional_api_with_the_benchmarks_options(name: str) -> None:
     method = bm.lookup(name)
     G = _gram(4)
@@ -99,11 +105,20 @@ def test_a_stateful_method_carries_its_state_from_call_to_call() -> None:
 
 def test_an_elementwise_method_has_no_weights_function() -> None:
     elementwise = next(m for m in REGISTRY if m.combine is not None)
-    assert bm.elementwise(elementwise.name)
+    assert bm.kind(elementwise.name) == "elementwise"
     with pytest.raises(ValueError, match="elementwise"):
         bm.weights_function(elementwise.name)
     d = bm.aggregate_function(elementwise.name)(torch.randn(3, 20))
     assert d.shape == (20,) and torch.isfinite(d).all()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if bm.kind(n) == "loss"])
+def test_a_loss_weighting_method_has_neither_weights_nor_an_aggregation(name: str) -> None:
+    with pytest.raises(ValueError, match="loss"):
+        bm.weights_function(name)
+    with pytest.raises(ValueError, match="weights the losses"):
+        bm.aggregate_function(name)
+    assert bm.engine_in_use(bm.make_wrapper(name, _inner(), num_tasks=2), torch.device("cpu")).startswith("none")
 
 
 def test_engine_in_use_follows_the_option_and_the_auto_rule() -> None:
@@ -116,7 +131,7 @@ def test_engine_in_use_follows_the_option_and_the_auto_rule() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*not DPP")  # TorchJD's Nash-MTL, on every solve
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRAM)
 def test_a_deterministic_peer_computes_what_we_compute(name: str) -> None:
     pytest.importorskip("torchjd")
     from bench.peers import torchjd_peer, torchjd_weighting
@@ -142,14 +157,19 @@ def test_a_deterministic_peer_computes_what_we_compute(name: str) -> None:
 
 
 def test_every_registered_method_beyond_the_three_is_a_suite_variant() -> None:
-    from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, Spec, make_step
+    from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, Spec, make_step
 
-    assert {f"gs-{name}-loop" for name in NAMES} <= set(KINDS) | set(EVERY_METHOD_KINDS)
+    gradient = {f"gs-{name}-loop" for name in NAMES if bm.kind(name) != "loss"}
+    assert gradient <= set(KINDS) | set(EVERY_METHOD_KINDS)
+    assert {f"gs-{name}" for name in NAMES if bm.kind(name) == "loss"} == set(LOSS_KINDS)
     spec = Spec("mlp", 3, 4, width=8, inputs=4)
-    for kind in EVERY_METHOD_KINDS:
+    for kind in (*EVERY_METHOD_KINDS, *LOSS_KINDS):
         step = make_step(spec, kind)
         step()
-        assert step.wrapper.engine == "loop", kind
+        step()
+        assert type(step.wrapper).__name__ == bm.lookup(kind.split("-")[1]).name, kind
+        if kind in EVERY_METHOD_KINDS:
+            assert step.wrapper.engine == "loop", kind
 
 
 def test_every_registered_method_is_in_the_tiny_problem() -> None:
@@ -185,7 +205,7 @@ def test_the_weights_benchmark_covers_every_method_with_weights(tmp_path: Path) 
     args = argparse.Namespace(weights_T=[3], max_rounds=2, weights_budget=0.0, out=out)
     table = bench_aggregation.bench_weights(args)
     row = json.loads(out.read_text())
-    with_weights = [name for name in NAMES if bm.lookup(name).combine is None]
+    with_weights = GRAM
     assert list(row["ratios"]) == with_weights
     assert [line[0] for line in table] == [bm.lookup(name).name for name in with_weights]
     assert set(row["ratios"]) | set(row["torchjd_missing"]) >= set(with_weights)

@@ -130,7 +130,7 @@ def test_a_registered_method_beyond_the_default_runs_end_to_end(tmp_path: Path) 
     assert set(studies["conflict"]["summary"]) == {"stl", "nash_mtl", "graddrop"}
     md = (out / "results.md").read_text()
     assert "| NashMTL |" in md and "| GradDrop |" in md
-    assert "no panel for GradDrop (no weights)" in md
+    assert "no panel for GradDrop (no conflicts or weights)" in md
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
 

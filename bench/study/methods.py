@@ -74,10 +74,12 @@ def parse_methods(text: str) -> list[str]:
     return [name for name in known() if name in resolved]
 
 
-def make_optimizer(name: str, inner: torch.optim.Optimizer, *, seed: int, options: Options | None = None) -> Any:
-    """The ``gradsurgery`` wrapper for the study's method ``name`` around ``inner``
-    (``bench.methods.make_wrapper``: the benchmarks' options, ``options`` on top, ``seed``)."""
-    return make_wrapper(REPRESENTATION.get(name, name), inner, seed=seed, options=options)
+def make_optimizer(
+    name: str, inner: torch.optim.Optimizer, *, seed: int, num_tasks: int, options: Options | None = None
+) -> Any:
+    """The ``gradsurgery`` wrapper for the study's method ``name`` around ``inner`` for ``num_tasks``
+    tasks (``bench.methods.make_wrapper``: the benchmarks' options, ``options`` on top, ``seed``)."""
+    return make_wrapper(REPRESENTATION.get(name, name), inner, seed=seed, options=options, num_tasks=num_tasks)
 
 
 def joint_backward(opt: Any, name: str, losses: Sequence[torch.Tensor], features: torch.Tensor | None) -> None:

@@ -229,15 +229,19 @@ def draw(data: dict[str, Any], report: Report) -> None:
     first = str(data["seeds"][0])
     histories = {m: runs[first]["diagnostics"] for m, runs in data["runs"].items()
                  if m != "stl" and first in runs and runs[first]["diagnostics"]["history"]}
-    # gradsurgery.plot.plot_conflict_history draws the weights too, which an elementwise method's
-    # diagnostics do not have (GradDrop): those methods get no panel there.
-    weighted = {m: d for m, d in histories.items() if all("weights" in h for h in d["history"])}
-    if weighted:
-        figures.digits_conflicts(report.out / "multidigits_conflicts.png", weighted)
-        skipped = sorted(set(histories) - set(weighted))
-        note = f"; no panel for {', '.join(label(m) for m in skipped)} (no weights)" if skipped else ""
-        report.add_figure("multidigits", "multidigits_conflicts.png",
-                          f"Conflict rate and task weights over training (seed {first}, `opt.diagnostics()`{note})")
-    if histories:
-        figures.digits_cosines(report.out / "multidigits_cosine.png", histories, TASKS)
-        report.add_figure("multidigits", "multidigits_cosine.png", f"Mean gradient cosine over training (seed {first})")
+    # gradsurgery.plot.plot_conflict_history draws conflicts and weights: an elementwise method's
+    # diagnostics have no weights (GradDrop), a loss-weighting method's no conflicts or cosines (no
+    # per-task gradients). Such a method gets no panel in the figure it lacks the data for.
+    for name, keys, draw, caption in (
+        ("multidigits_conflicts.png", ("conflicts", "weights"), figures.digits_conflicts,
+         "Conflict rate and task weights over training"),
+        ("multidigits_cosine.png", ("cosine",), lambda path, h: figures.digits_cosines(path, h, TASKS),
+         "Mean gradient cosine over training"),
+    ):
+        drawable = {m: d for m, d in histories.items() if all(k in h for h in d["history"] for k in keys)}
+        if not drawable:
+            continue
+        draw(report.out / name, drawable)
+        skipped = [m for m in histories if m not in drawable]
+        note = f"; no panel for {', '.join(label(m) for m in skipped)} (no {' or '.join(keys)})" if skipped else ""
+        report.add_figure("multidigits", name, f"{caption} (seed {first}, `opt.diagnostics()`{note})")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from . import figures
+from bench.methods import lookup
+
 from .methods import REPRESENTATION, label, make_optimizer
 from .report import MakeBar, Report, Table, num
 
@@ -32,10 +34,19 @@ SKIPPED: dict[str, str] = {
     "mean": "equals Sum under Adam (scale-invariant)",
     **{name: "no shared representation in the toy" for name in REPRESENTATION},
 }
+NEGATIVE_LOSSES = "takes the logarithm of the losses, and the toy's losses go below 0"
+
+
+def skip_reason(method: str) -> str | None:
+    """Why ``method`` does not run on the toy, or ``None``."""
+    if method in SKIPPED:
+        return SKIPPED[method]
+    loss = getattr(lookup(method), "loss", None)
+    return NEGATIVE_LOSSES if loss is not None and loss.positive else None
 
 
 def runs_on_toy(method: str) -> bool:
-    return method not in SKIPPED
+    return skip_reason(method) is None
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ def run_trajectory(
 ) -> Trajectory:
     """``steps`` Adam steps of ``method`` from ``start``, recording ``≈points`` positions."""
     x = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32))
-    opt = make_optimizer(method, torch.optim.Adam([x], lr=LR), seed=seed, options={"CAGrad": {"c": CAGRAD_C}})
+    opt = make_optimizer(method, torch.optim.Adam([x], lr=LR), seed=seed, num_tasks=2, options={"CAGrad": {"c": CAGRAD_C}})
     every = max(1, steps // points)
     trace = torch.empty(steps // every + 2, 2)
     trace[0] = x.detach()
@@ -212,7 +223,7 @@ def prepare(cfg: ToyConfig, methods: Sequence[str], report: Report) -> tuple[dic
     chosen = [m for m in methods if runs_on_toy(m)]
     data.update({
         "steps": cfg.steps, "paper_steps": PAPER_STEPS, "lr": LR, "cagrad_c": CAGRAD_C, "starts": [list(s) for s in STARTS],
-        "pareto_weights": cfg.pareto_weights, "skipped_methods": {m: SKIPPED[m] for m in methods if not runs_on_toy(m)},
+        "pareto_weights": cfg.pareto_weights, "skipped_methods": {m: skip_reason(m) for m in methods if not runs_on_toy(m)},
         "runs": {}, "device": "cpu",
     })
     pareto = pareto_set(cfg.pareto_weights)

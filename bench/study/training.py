@@ -74,7 +74,7 @@ def train(
     """
     device = inputs.device
     inner = torch.optim.Adam(net.parameters(), lr=lr)
-    opt = inner if method is None else make_optimizer(method, inner, seed=seed, options=options)
+    opt = inner if method is None else make_optimizer(method, inner, seed=seed, num_tasks=len(net.heads), options=options)
     order = torch.Generator().manual_seed(seed)
     log = RunLog()
     step = 0

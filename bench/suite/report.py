@@ -11,7 +11,7 @@ from bench import harness
 from bench.methods import ORIGINAL
 from bench.suite.measure import MEMORY_KINDS, MMAP_THRESHOLD, PEERS
 from bench.suite.targets import format_check, ratio_in, target_summary
-from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, Spec, method_of
+from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, Spec, method_of
 from bench.tiny import TINY_KINDS
 
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when bench_suite rewrites the file above it. -->"
@@ -36,7 +36,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def _kinds(rows: list[dict[str, Any]]) -> list[str]:
     """The variants of the run in table order: the grid's, then every other registered method's."""
     present = {kind for r in rows for kind in r["ratios"]}
-    return [kind for kind in (*KINDS, *EVERY_METHOD_KINDS) if kind in present]
+    return [kind for kind in (*KINDS, *EVERY_METHOD_KINDS, *LOSS_KINDS) if kind in present]
 
 
 def ratio_table(rows: list[dict[str, Any]], label: str) -> tuple[list[str], list[list[str]]]:
@@ -179,8 +179,8 @@ def markdown(
         "`torchjd-*` = `mtl_backward(losses, features=z)` + `jac_to_grad(encoder, aggregator)`; `autogram-*` = "
         "TorchJD's `autogram.Engine(encoder, batch_dim=None)` → `compute_gramian` → weighting → `losses.backward(w)`; "
         "`pyo-pcgrad` = pytorch-optimizer's `PCGrad.pc_backward`. Every other registered method "
-        "(`gradsurgery.methods.REGISTRY`, built by `bench/methods.py` with the library's defaults) is timed as "
-        "`gs-{name}-loop` on "
+        "(`gradsurgery.methods.REGISTRY`, built by `bench/methods.py` with the library's defaults) is timed "
+        "as `gs-{name}-loop` (gradient methods) or `gs-{name}` (loss-weighting methods: one backward) on "
         + (", ".join(sorted({f"{r['model']} T={r['T']}" for r in rows if any(k in r["ratios"] for k in EVERY_METHOD_KINDS)}))
            or "no problem in this run")
         + ".",

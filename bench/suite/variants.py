@@ -17,7 +17,8 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
 - ``gs-{name}-{loop,batched}``: our wrapper of the registered method ``name`` (``bench.methods``) in
   parameter mode, ``engine="loop"`` / ``"batched"``; ``gs-{name}-repr``: representation mode,
   ``opt.backward(losses, features=z)``; ``gs-{name}-loop-bf16``: the loop with
-  ``storage_dtype=torch.bfloat16``;
+  ``storage_dtype=torch.bfloat16``; ``gs-{name}`` for a loss-weighting method (one backward of its
+  objective of the losses: no engine, no per-task gradients);
 - ``torchjd-{name}``: TorchJD's autojac path, ``mtl_backward(losses, features=z)`` then
   ``jac_to_grad(encoder params, aggregator)``;
 - ``autogram-{name}``: TorchJD's autogram engine, ``Engine(encoder, batch_dim=None)`` built once;
@@ -26,8 +27,8 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
   losses: instance-wise risk). The heads get ``w_t``-weighted gradients here, not their plain ones;
 - ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step.
 
-:data:`KINDS` are timed on every problem; :data:`EVERY_METHOD_KINDS` (every other registered method,
-loop engine) on the MLP at one ``T``.
+:data:`KINDS` are timed on every problem; :data:`EVERY_METHOD_KINDS` (every other registered gradient
+method, loop engine) and :data:`LOSS_KINDS` (every loss-weighting method) on the MLP at one ``T``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.methods import ORIGINAL, make_wrapper, names
+from bench.methods import ORIGINAL, make_wrapper, names_of
 from bench.peers import torchjd_aggregator, torchjd_weighting
 
 LR = 1e-4
@@ -55,9 +56,11 @@ KINDS = (
     *(f"autogram-{m}" for m in ORIGINAL),
     "pyo-pcgrad",
 )
-# Every registered method beyond the original three, in parameter mode with the loop engine (the
-# default on the CPU): the same step as gs-pcgrad-loop with another method's weights.
-EVERY_METHOD_KINDS = tuple(f"gs-{name}-loop" for name in names() if name not in ORIGINAL)
+# Every registered gradient method beyond the original three, in parameter mode with the loop engine
+# (the default on the CPU): the same step as gs-pcgrad-loop with another method's weights.
+EVERY_METHOD_KINDS = tuple(f"gs-{name}-loop" for name in names_of("gram", "elementwise") if name not in ORIGINAL)
+# Every loss-weighting method: one backward of its objective, the cost of naive summation and a little.
+LOSS_KINDS = tuple(f"gs-{name}" for name in names_of("loss"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +153,12 @@ def method_of(kind: str) -> str:
     return kind.split("-")[1]
 
 
-def _ours(kind: str, opt: torch.optim.Optimizer) -> tuple[Any, bool]:
-    """Our wrapper for ``gs-{name}-{mode}[-bf16]``, and whether it runs in representation mode."""
-    _, name, mode, *rest = kind.split("-")
-    options: dict[str, Any] = {}
+def _ours(kind: str, opt: torch.optim.Optimizer, T: int) -> tuple[Any, bool]:
+    """Our wrapper for ``gs-{name}[-{mode}[-bf16]]`` (``T`` tasks), and whether it runs in
+    representation mode."""
+    _, name, *rest = kind.split("-")
+    mode = rest.pop(0) if rest else None
+    options: dict[str, Any] = {"num_tasks": T}
     if mode in ("loop", "batched"):
         options["engine"] = mode
     if rest == ["bf16"]:
@@ -191,7 +196,7 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
             torch.autograd.grad(torch.stack(losses), params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
 
     elif kind.startswith("gs-"):
-        wrapper, representation = _ours(kind, opt)
+        wrapper, representation = _ours(kind, opt, T)
 
         def step() -> None:
             wrapper.zero_grad()
