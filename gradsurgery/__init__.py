@@ -7,6 +7,7 @@ Every method of :data:`gradsurgery.methods.REGISTRY` is an optimizer wrapper her
 from . import functional, methods
 from .citation import bibtex, cite
 from .errors import NonFiniteGradientError
+from .frameworks import backward
 from .methods import REGISTRY
 from .optim import GradSurgery, MethodWrapper
 from .wrappers import WRAPPERS, wrapper_class

@@ -1,0 +1,104 @@
+"""``gs.backward``: the wrapper's ``backward`` through whatever a training framework hands back.
+
+Frameworks put their own proxy around the optimizer they are given: Lightning's
+``self.optimizers()`` is a ``LightningOptimizer`` (its class made a subclass of the wrapper's, the
+attributes forwarded), Accelerate's ``accelerator.prepare(model, opt)`` an ``AcceleratedOptimizer``
+(no ``backward`` at all). :func:`unwrap` follows ``._optimizer`` / ``.optimizer`` to the wrapper;
+:func:`backward` runs the wrapper's ``backward`` there, and with ``accelerator=`` applies what
+``accelerator.backward(loss)`` applies to one loss: the division by the gradient-accumulation steps
+and the mixed-precision ``GradScaler`` (see :mod:`gradsurgery.integrations.accelerate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from .optim import GradSurgery
+from .prepare import Losses, check_losses
+
+__all__ = ["backward", "outside_autocast", "unwrap"]
+
+# A proxy of a proxy of a proxy is plausible (Lightning around Accelerate around the wrapper); more is a cycle.
+MAX_DEPTH = 16
+
+
+def unwrap(optimizer: Any) -> GradSurgery:
+    """The gradsurgery wrapper inside ``optimizer``: the wrapper itself, or one reached through the
+    ``._optimizer`` / ``.optimizer`` attributes of the proxies around it.
+
+    A proxy that forwards attribute reads (Lightning's) or copies the wrapper's attributes (older
+    Lightning) shares the wrapper's state objects, so running on it would work too; unwrapping makes
+    every call land on the one object the checkpoints and ``diagnostics()`` read.
+
+    Raises ``TypeError`` naming the chain of types when no wrapper is found (a plain
+    ``torch.optim`` optimizer, or the wrapper's inner optimizer).
+    """
+    chain = []
+    current = optimizer
+    for _ in range(MAX_DEPTH):
+        chain.append(type(current).__name__)
+        own = vars(current) if hasattr(current, "__dict__") else {}
+        if isinstance(current, GradSurgery) and "_layout" in own:
+            return current
+        inner = own.get("_optimizer", own.get("optimizer"))
+        if inner is None or inner is current:
+            if isinstance(current, GradSurgery):  # a forwarding proxy we cannot see through: it shares the state
+                return current
+            break
+        current = inner
+    raise TypeError(
+        f"expected a gradsurgery wrapper (gs.PCGrad(torch.optim.Adam(...)), ...) or a framework's proxy around one, "
+        f"got {' -> '.join(chain)}: wrap the torch optimizer in a gradsurgery wrapper before handing it to the framework"
+    )
+
+
+def backward(
+    optimizer: Any,
+    losses: Losses,
+    *,
+    accelerator: Any = None,
+    features: torch.Tensor | None = None,
+    scaler: Any = None,
+) -> None:
+    """``optimizer``'s gradsurgery wrapper runs ``backward(losses, features=, scaler=)``.
+
+    ``optimizer``: the wrapper, or a framework's proxy around it (see :func:`unwrap`).
+
+    ``accelerator``: a Hugging Face ``accelerate.Accelerator``. Its ``backward(loss)`` divides a loss
+    by ``gradient_accumulation_steps`` and scales it with its ``GradScaler``; this does the same for
+    the ``T`` losses: the gradient methods get ``L_t / n`` and the scaler, a loss-weighting method
+    (whose objective is not homogeneous in the losses) its objective divided by ``n`` and scaled.
+    With ``accumulate(n)`` the shared gradient is then the surgery of the mean of the micro-batches'
+    task gradients: that of one batch ``n`` times as large.
+
+    ``features`` and ``scaler`` are the wrapper's own (``scaler`` cannot be given with an accelerator
+    that has one). Called inside an autocast region (``accelerator.autocast()``), the backward runs
+    outside it: see :func:`outside_autocast`.
+    """
+    wrapper = unwrap(optimizer)
+    if accelerator is not None:
+        from .integrations.accelerate import accelerated
+
+        losses, scaler = accelerated(accelerator, wrapper, losses, scaler)
+    with outside_autocast(losses):
+        wrapper.backward(losses, features=features, scaler=scaler)
+
+
+@contextlib.contextmanager
+def outside_autocast(losses: Losses) -> Iterator[None]:
+    """Autocast switched off on the losses' device for the wrapper's backward.
+
+    Frameworks call the backward inside the forward's autocast region (Lightning runs the whole
+    ``training_step`` in it), where the wrapper's Gram matrix and combine — matrix products — would
+    run in fp16/bf16 (a Gram of 45.0 for 44.97 in bf16). Backpropagation itself does not autocast, so
+    this changes only the wrapper's own arithmetic, back to what a backward outside the region does.
+    """
+    device = check_losses(losses)[0].device.type
+    if not torch.is_autocast_enabled(device):
+        yield
+        return
+    with torch.autocast(device, enabled=False):
+        yield
