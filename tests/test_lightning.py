@@ -206,6 +206,46 @@ def test_several_losses_without_a_gradsurgery_wrapper_are_refused(tmp_path: Path
         trainer(1, tmp_path).fit(Plain(), data())
 
 
+def test_gs_backward_on_the_proxy_trains_as_the_wrapper(tmp_path: Path) -> None:
+    class ViaFunction(MultiTask):
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            gs.backward(opt, task_losses(self, batch))
+            opt.step()
+
+    model = ViaFunction("MGDA")
+    trainer(1, tmp_path).fit(model, data())
+    _assert_equal(model, reference("MGDA", 1))
+
+
+def test_several_losses_under_automatic_optimization_are_refused(tmp_path: Path) -> None:
+    class Automatic(MultiTask):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = True
+
+        def training_step(self, batch, batch_idx):
+            return torch.stack(task_losses(self, batch))
+
+    with pytest.raises(TypeError, match="set self.automatic_optimization = False"):
+        trainer(1, tmp_path).fit(Automatic(), data())
+
+
+def test_the_recipe_in_docs_lightning_md_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "lightning.md").read_text(), flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "recipe"}
+    exec(compile("".join(blocks), "docs/lightning.md", "exec"), namespace)
+    wrapper, run = namespace["wrapper"], namespace["trainer"]
+    assert type(wrapper).__name__ == "PCGrad" and run.global_step == 16
+    assert wrapper.last_gram.dtype == torch.float32
+    assert {"cos/0-1", "norm/2", "weight/1", "conflicts"} <= set(run.logged_metrics)
+    saved = torch.load(tmp_path / "multitask.ckpt", weights_only=False)["optimizer_states"][0]["gradsurgery"]
+    assert saved["num_tasks"] == 3
+
+
 def test_the_mixin_imports_no_framework() -> None:
     assert "lightning" not in GradSurgeryMixin.__module__.split(".")[:1]
     code = "import sys, gradsurgery, gradsurgery.integrations.lightning, gradsurgery.integrations.accelerate; " \

@@ -106,6 +106,11 @@ class GradSurgeryMixin:
         ``loss.backward()`` (the default hook) otherwise."""
         pending = self.__dict__.pop("_gradsurgery_pending", None)
         if pending is None:
+            if loss.dim() == 1 and self.automatic_optimization:  # type: ignore[attr-defined]
+                raise TypeError(
+                    "training_step returned several losses under automatic optimization, which backpropagates one; "
+                    "set self.automatic_optimization = False and call self.manual_backward(losses)"
+                )
             super().backward(loss, *args, **kwargs)  # type: ignore[misc]
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
