@@ -9,6 +9,7 @@ and the tests are generated from it.
 from __future__ import annotations
 
 from . import aligned_mtl, cagrad, config, dualproj, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl, pcgrad, rlw, upgrad, uw
+from . import dwa, famo, geometric_mean, imtl_l, rlw_loss, stch
 from .sum import MEAN, METHOD as SUM
 from .cagrad import cagrad_weights
 from .mgda import mgda_weights
@@ -32,6 +33,12 @@ REGISTRY: tuple[Method, ...] = (
     graddrop.METHOD,
     rlw.METHOD,
     uw.METHOD,
+    dwa.METHOD,
+    famo.METHOD,
+    geometric_mean.METHOD,
+    imtl_l.METHOD,
+    rlw_loss.METHOD,
+    stch.METHOD,
 )
 
 

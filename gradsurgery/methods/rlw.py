@@ -6,8 +6,11 @@ library) and TorchJD's ``Random`` do. The weights are put on the sum scale, ``w 
 (``E[w_t] = 1``, naive summation's weight, for every task; ``reduction="mean"`` gives ``λ``). They do not depend on the
 gradients: ``G`` only supplies ``T`` and the device, and its values are never read (a NaN ``G`` still
 gives finite weights, as for naive summation; ``d = wᵀJ`` carries the NaN). Weighting the losses by
-``w`` and back-propagating once gives the same update; here it goes through the same Gram → weights →
-combine pipeline as the other methods.
+``w`` and back-propagating once gives the shared parameters the same update: that is ``gs.RLWLoss``
+(``methods/rlw_loss.py``), one backward instead of ``T``, the same draws for the same ``seed``; it also
+scales each task-specific parameter's gradient by its task's ``w_t``, which RLW, like every gradient
+method, leaves plain. Here RLW goes through the same Gram → weights → combine pipeline as the other
+methods (its diagnostics of ``G``, representation mode, cheap modes, functional pair).
 
 ``z`` is drawn in float64 from ``generator`` (torch's default generator for the device when ``None``) on
 the generator's device and moved to G's; a generator on G's device avoids a copy. The same generator
