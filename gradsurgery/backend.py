@@ -38,7 +38,7 @@ def resolve(backend: str, J: torch.Tensor) -> str:
     if backend != "auto":
         return backend
     use_triton = (
-        J.is_cuda and J.dtype != torch.float64 and J.shape[0] <= kernels.MAX_TASKS and kernels.triton_available()
+        J.is_cuda and J.dtype != torch.float64 and J.shape[-2] <= kernels.MAX_TASKS and kernels.triton_available()
     )
     return "triton" if use_triton else "torch"
 
@@ -57,7 +57,9 @@ def solvers(backend: str, G: torch.Tensor) -> dict[str, Callable[..., torch.Tens
     error surface instead of falling back.
     """
     check_backend(backend, G.device)
-    T = G.shape[0]
+    T = G.shape[-1]
+    if G.dim() > 2:  # the fused solves take one problem; a batch runs the methods' batched torch solvers
+        return {}
     if backend == "torch" or (backend == "auto" and not (G.is_cuda and T <= kernels.SOLVE_MAX_TASKS)):
         return {}
     if backend == "auto" and not kernels.triton_available():
@@ -87,7 +89,7 @@ def rescued(J: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``gram(rescue=True)``'s check on ``G = J Jᵀ`` (one host sync): ``(G, in_range)``, ``G`` recomputed
     from scaled rows where it can be, ``in_range`` whether every squared norm was finite (and, below
     fp64, above the underflow threshold) in the first place — then no other check of ``G`` is needed."""
-    diag = G.diagonal()
+    diag = G.diagonal(dim1=-2, dim2=-1)
     low = _UNDERFLOW if J.dtype != torch.float64 else -math.inf
     # A quarter of the largest float keeps every |G_ij| ≤ sqrt(G_ii·G_jj) finite despite rounding.
     if bool(diag.clamp(low, torch.finfo(diag.dtype).max / 4).eq(diag).all()):  # Inf and NaN both fail
@@ -95,7 +97,7 @@ def rescued(J: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if J.dtype == torch.float64:
         return G, False
     suspicious = ~torch.isfinite(diag) | (diag < _UNDERFLOW)
-    magnitude = J.abs().amax(dim=1) if J.shape[1] else torch.zeros(J.shape[0], device=J.device)
+    magnitude = J.abs().amax(dim=-1) if J.shape[-1] else torch.zeros(J.shape[:-1], device=J.device)
     rescuable = suspicious & torch.isfinite(magnitude) & (magnitude > 0)
     if not bool(rescuable.any()):
         return G, False
@@ -103,16 +105,17 @@ def rescued(J: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def scaled_gram(J: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """``J Jᵀ`` in fp64 computed as ``S (J/s)(J/s)ᵀ S`` with ``s`` the rows' largest magnitudes."""
+    """``J Jᵀ`` in fp64 computed as ``S (J/s)(J/s)ᵀ S`` with ``s`` the rows' largest magnitudes (a
+    batch ``(..., T, P)`` entry by entry)."""
     scale = magnitude.to(torch.float64)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    T, P = J.shape
-    G = torch.zeros(T, T, dtype=torch.float64, device=J.device)
+    T, P = J.shape[-2:]
+    G = torch.zeros(*J.shape[:-2], T, T, dtype=torch.float64, device=J.device)
     step = max(1, _CHUNK_ELEMENTS // max(T, 1))
     for start in range(0, P, step):
-        block = J[:, start : start + step].to(torch.float64) / scale[:, None]
-        G.addmm_(block, block.mT)
-    return G * scale[:, None] * scale[None, :]
+        block = J[..., start : start + step].to(torch.float64) / scale[..., None]
+        G += block @ block.mT
+    return G * scale[..., :, None] * scale[..., None, :]
 
 
 def combine(
@@ -139,13 +142,13 @@ def combine(
 
 
 def combine_wide(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
-    """``out (+)= wᵀJ`` in fp64, ``_CHUNK_ELEMENTS`` of ``J`` at a time; returns ``out``."""
-    weights = w.to(torch.float64)
-    T, P = J.shape
+    """``out (+)= wᵀJ`` in fp64, ``_CHUNK_ELEMENTS`` of ``J`` at a time (a batch entry by entry); returns ``out``."""
+    weights = w.to(torch.float64).unsqueeze(-2)
+    T, P = J.shape[-2:]
     step = max(1, _CHUNK_ELEMENTS // max(T, 1))
     for start in range(0, P, step):
-        part = weights @ J[:, start : start + step].to(torch.float64)
+        part = (weights @ J[..., start : start + step].to(torch.float64)).squeeze(-2)
         if accumulate:
-            part += out[start : start + step].to(torch.float64)
-        out[start : start + step].copy_(part)
+            part += out[..., start : start + step].to(torch.float64)
+        out[..., start : start + step].copy_(part)
     return out

@@ -62,12 +62,14 @@ def check_finite_gram(G: torch.Tensor) -> None:
     finite = torch.isfinite(G)
     if bool(finite.all()):
         return
-    bad = ~finite.diagonal()
+    bad = ~finite.diagonal(dim1=-2, dim2=-1)
     if not bool(bad.any()):
-        bad = ~finite.all(dim=1)
-    tasks = bad.nonzero().flatten().tolist()
+        bad = ~finite.all(dim=-1)
+    where = bad.nonzero().tolist()  # (..., task) per non-finite task
+    tasks = sorted({index[-1] for index in where})
+    entries = f" in batch entries {sorted({tuple(index[:-1]) for index in where})}" if G.dim() > 2 else ""
     raise NonFiniteGradientError(
-        f"non-finite gradient (NaN/Inf, or a squared norm that overflows {G.dtype}) for task(s) {tasks}",
+        f"non-finite gradient (NaN/Inf, or a squared norm that overflows {G.dtype}) for task(s) {tasks}{entries}",
         tasks=tasks,
     )
 
@@ -82,9 +84,9 @@ def _checked_gram(J: torch.Tensor, backend: str) -> torch.Tensor:
 def _check_J(J: torch.Tensor) -> None:
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"J must be a torch.Tensor, got {type(J).__name__}")
-    if J.dim() != 2:
-        raise ValueError(f"J must be 2-D (T, P), got shape {tuple(J.shape)}")
-    if J.shape[0] == 0:
+    if J.dim() < 2:
+        raise ValueError(f"J must be (T, P), or (..., T, P) for a batch of problems, got shape {tuple(J.shape)}")
+    if J.shape[-2] == 0:
         raise ValueError("J has T = 0 rows: there must be at least one task")
     if not J.dtype.is_floating_point:
         raise ValueError(f"J must be floating point, got dtype {J.dtype}")
@@ -132,8 +134,9 @@ def _weights(method: Method, G: torch.Tensor, options: dict[str, Any], extras: d
         extras = {**extras, "solve": _backend.solvers(backend, G).get(method.solve)}
     if method.state is not None:
         state = extras.pop("state", None)
-        if state is None:
-            state = method.state.init(G.shape[0], G.device)
+        if state is None:  # the method's initial state, for every entry of a batch
+            batch = G.shape[:-2]
+            state = {k: v.expand(*batch, *v.shape).clone() for k, v in method.state.init(G.shape[-1], G.device).items()}
         return method.weights(G, reduction=reduction, **options, **extras, state=state)
     return method.weights(G, reduction=reduction, **options, **extras)
 
@@ -151,10 +154,18 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
         _check_J(J)
         _backend.check_backend(backend, J.device)
         if out is None:
-            out = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+            out = torch.empty(J.shape[:-2] + J.shape[-1:], dtype=J.dtype, device=J.device)
         if method.combine is not None:
+            if J.dim() > 2:
+                return _elementwise_batch(method, J, out, dict(options, **extras), reduction, backend)
             return method.combine(J, out=out, reduction=reduction, backend=backend, **options, **extras)
         G = _checked_gram(J, backend)
+        if J.dim() > 2:
+            result = _weights(method, G, options, dict(extras), reduction, backend)
+            w, new_state = result if method.state is not None else (result, None)
+            wide = G.dtype == torch.float64 and J.dtype != torch.float64
+            _backend.combine(w, J, out, backend=backend, wide=wide)
+            return (out, new_state) if method.state is not None else out
         state: list[Any] = []
 
         def weights_of(G: torch.Tensor) -> torch.Tensor:
@@ -183,6 +194,16 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
     on_rows.__doc__ = f"{method.name} update of the rows of ``J`` (see :mod:`gradsurgery.methods`): {summary}"
     on_gram.__doc__ = f"{method.name} weights from the Gram matrix ``G``: {summary}"
     return on_rows, on_gram
+
+
+def _elementwise_batch(method: Method, J: torch.Tensor, out: torch.Tensor, options: dict[str, Any], reduction: str, backend: str) -> torch.Tensor:
+    """An elementwise method on a batch: the entries side by side as the columns of one ``(T, B·P)``
+    matrix (one call; entry ``b``'s columns draw with offset ``b·P``), then back to ``(..., P)``."""
+    assert method.combine is not None
+    T, P = J.shape[-2:]
+    flat = J.reshape(-1, T, P).transpose(0, 1).reshape(T, -1)
+    result = method.combine(flat, out=torch.empty(flat.shape[1], dtype=out.dtype, device=out.device), reduction=reduction, backend=backend, **options)
+    return out.copy_(result.reshape(out.shape))
 
 
 _FUNCTIONS: dict[str, Callable[..., Any]] = {}

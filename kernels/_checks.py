@@ -17,14 +17,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_matrix(J: torch.Tensor, name: str) -> None:
+    """``J`` is ``(T, P)``, or ``(..., T, P)``: a batch of independent matrices."""
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(J).__name__}")
-    if J.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (T, P), got shape {tuple(J.shape)}")
+    if J.dim() < 2:
+        raise ValueError(f"{name} must be (T, P) or (..., T, P), got shape {tuple(J.shape)}")
     if J.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} has unsupported dtype {J.dtype}; expected one of {SUPPORTED_DTYPES}")
-    if J.shape[1] > 1 and J.stride(1) != 1:
-        raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {J.stride()}")
+    if J.shape[-1] > 1 and J.stride(-1) != 1:
+        raise ValueError(f"{name} must have contiguous rows (stride(-1) == 1), got strides {J.stride()}")
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -43,19 +44,22 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_combine_args(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor) -> None:
+    """``w (..., T)``, ``J (..., T, P)``, ``out (..., P)`` with the same batch shape (none: 1-D, 2-D, 1-D)."""
     check_matrix(J, "J")
-    T, P = J.shape
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != T:
+    batch, (T, P) = tuple(J.shape[:-2]), J.shape[-2:]
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (*batch, T):
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"w must be a 1-D tensor of length T={T}, got {shape}")
+        what = f"a 1-D tensor of length T={T}" if not batch else f"of shape {(*batch, T)}"
+        raise ValueError(f"w must be {what}, got {shape}")
     if not w.is_floating_point():
         raise ValueError(f"w must have a floating-point dtype, got {w.dtype}")
-    if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != P:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (*batch, P):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"out must be a 1-D tensor of length P={P}, got {shape}")
+        what = f"a 1-D tensor of length P={P}" if not batch else f"of shape {(*batch, P)}"
+        raise ValueError(f"out must be {what}, got {shape}")
     if out.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"out has unsupported dtype {out.dtype}")
-    if P > 1 and out.stride(0) != 1:
+    if P > 1 and out.stride(-1) != 1:
         raise ValueError(f"out must be contiguous, got stride {out.stride()}")
     for name, tensor in (("w", w), ("out", out)):
         if tensor.device != J.device:
@@ -80,7 +84,7 @@ def check_triton_matrix(J: torch.Tensor, name: str) -> None:
     """``check_matrix`` plus what the Triton kernels add: dtype, task count, a device Triton runs on."""
     check_matrix(J, name)
     check_triton_dtype(J, name)
-    T = J.shape[0]
+    T = J.shape[-2]
     if not 1 <= T <= MAX_TASKS:
         raise ValueError(f"{name} has T={T} rows; the Triton kernels serve 1 <= T <= {MAX_TASKS}")
     check_triton_device(J, name)

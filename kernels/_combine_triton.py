@@ -14,7 +14,7 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
 # Sizes are not specialised on (only J's row stride is, for vector loads): no recompile per T or P.
-@triton.jit(do_not_specialize=["T", "P", "stride_w", "size_class"])
+@triton.jit(do_not_specialize=["T", "P", "stride_w", "stride_wb", "stride_jb", "stride_ob", "size_class"])
 def _combine_kernel(
     w,
     J,
@@ -23,12 +23,20 @@ def _combine_kernel(
     P,
     stride_w,
     stride_t,
+    stride_wb,
+    stride_jb,
+    stride_ob,
     size_class,  # only an autotuning key: a config tuned on a tiny P need not suit a huge one
     ACCUMULATE: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    # Each program owns BLOCK_P columns and walks the T rows in order, so every out[p] is the same
-    # sequential fp32 sum whatever BLOCK_P the autotuner picks: no cross-program reduction at all.
+    # Each program owns BLOCK_P columns of one batch entry and walks the T rows in order, so every
+    # out[b, p] is the same sequential fp32 sum whatever BLOCK_P the autotuner picks: no cross-program
+    # reduction at all, and a batch entry is combined exactly as an unbatched matrix would be.
+    batch = tl.program_id(1).to(tl.int64)
+    w += batch * stride_wb
+    J += batch * stride_jb
+    out += batch * stride_ob
     cols = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = cols < P
     row_ptrs = J + cols

@@ -15,23 +15,26 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 # Sizes are not specialised on (only strides are, for vector loads): one binary serves every T and P
 # with the same tile width, instead of a recompile per divisibility class.
-@triton.jit(do_not_specialize=["T", "P"])
+@triton.jit(do_not_specialize=["T", "P", "stride_b"])
 def _gram_partials_kernel(
     J,
     partials,
     T,
     P,
+    stride_b,
     stride_t,
     cols_per_split,
     BT: tl.constexpr,
     BLOCK_P: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Program s sums J[:, cols] J[:, cols]ᵀ over its own contiguous column range into partials[s]:
-    # the split is fixed by the launcher, so the summation order (and the bits) never vary run to run.
+    # Program (s, b) sums J[b, :, cols] J[b, :, cols]ᵀ over its own contiguous column range into
+    # partials[b, s]: the split is fixed by the launcher, so the summation order (and the bits) never
+    # vary run to run, and every batch entry is summed exactly as an unbatched matrix would be.
     split = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BT)
-    row_ptrs = J + rows.to(tl.int64)[:, None] * stride_t
+    row_ptrs = J + batch * stride_b + rows.to(tl.int64)[:, None] * stride_t
     row_mask = (rows < T)[:, None]
     start = split * cols_per_split
     stop = tl.minimum(start + cols_per_split, P)
@@ -45,18 +48,21 @@ def _gram_partials_kernel(
             tile = tile.to(tl.float32)
         # "ieee": TF32 would round fp32 inputs to 10 mantissa bits; for 16-bit inputs it changes nothing.
         acc = tl.dot(tile, tl.trans(tile), acc, input_precision="ieee")
-    out = partials + split * BT * BT + rows[:, None] * BT + rows[None, :]
+    out = partials + (batch * tl.num_programs(0) + split) * BT * BT + rows[:, None] * BT + rows[None, :]
     tl.store(out, acc)
 
 
 @triton.jit(do_not_specialize=["T", "num_splits"])
 def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, BLOCK_E: tl.constexpr, SPLITS: tl.constexpr):
-    # Second stage: G = Σ_s partials[s]. Program p owns BLOCK_E entries of the flattened (BT, BT) tile and
+    # Second stage: G[b] = Σ_s partials[b, s]. Program (p, b) owns BLOCK_E entries of the flattened (BT, BT) tile and
     # reads SPLITS partials per iteration as one (SPLITS, BLOCK_E) tile, so up to 4 × #SMs partials take
     # ~33 dependent steps instead of one per partial. The order (blocks of SPLITS in split order, each
     # summed by tl.sum's fixed tree) depends on nothing but num_splits: the same bits on every run.
     # Every (i, j) reads the upper-triangle entry (min, max) and sums it the same way, so G is exactly
     # symmetric whatever rounding the first stage did.
+    batch = tl.program_id(1).to(tl.int64)
+    partials += batch * num_splits * (BT * BT)
+    G += batch * T * T
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     i = e // BT
     j = e % BT

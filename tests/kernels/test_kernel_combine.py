@@ -167,7 +167,7 @@ def _args(**change):
         pytest.param({"out": lambda: torch.empty(8, dtype=torch.int32, device=DEVICE)}, "out has unsupported dtype torch.int32", id="out-int"),
         pytest.param({"J": lambda: torch.ones(3, 8, dtype=torch.float64, device=DEVICE)}, "J has dtype torch.float64.*torch backend", id="J-fp64"),
         pytest.param({"J": lambda: torch.ones(8, 3, device=DEVICE).T}, r"J must have contiguous rows .*\(1, 3\)", id="J-column-major"),
-        pytest.param({"J": lambda: torch.ones(3, device=DEVICE)}, r"J must be 2-D \(T, P\), got shape \(3,\)", id="J-rank"),
+        pytest.param({"J": lambda: torch.ones(3, device=DEVICE)}, r"J must be \(T, P\) or \(\.\.\., T, P\), got shape \(3,\)", id="J-rank"),
     ],
 )
 def test_combine_rejects_bad_input(change: dict, message: str) -> None:

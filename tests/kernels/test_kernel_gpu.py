@@ -41,8 +41,8 @@ def test_gram_autotune_configs_give_identical_bits(T: int, dtype_name: str) -> N
     for config in kernels.tuned_partials_kernel().configs:
         partials = torch.empty(plan.num_splits, plan.block_t, plan.block_t, device="cuda")
         try:
-            kernels._gram_partials_kernel[(plan.num_splits,)](
-                J, partials, T, J.shape[1], J.stride(0), plan.cols_per_split,
+            kernels._gram_partials_kernel[(plan.num_splits, 1)](
+                J, partials, T, J.shape[1], 0, J.stride(0), plan.cols_per_split,
                 BT=plan.block_t, BLOCK_P=plan.block_p, UPCAST=False,
                 num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
             )  # fmt: skip
@@ -68,8 +68,8 @@ def test_combine_autotune_configs_give_identical_bits(dtype_name: str) -> None:
     for config in kernels.tuned_combine_kernel().configs:
         out = torch.empty(P, dtype=torch.float32, device="cuda")
         block = config.kwargs["BLOCK_P"]
-        kernels._combine_kernel[(-(-P // block),)](
-            w, J, out, T, P, w.stride(0), J.stride(0), kernels.size_class(P),
+        kernels._combine_kernel[(-(-P // block), 1)](
+            w, J, out, T, P, w.stride(0), J.stride(0), 0, 0, 0, kernels.size_class(P),
             ACCUMULATE=False, BLOCK_P=block, num_warps=config.num_warps, enable_fp_fusion=True,
         )  # fmt: skip
         results.append(out)

@@ -94,8 +94,7 @@ def test_gram_of_empty_columns_is_zero() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        pytest.param(lambda: torch.ones(5, device=DEVICE), r"2-D \(T, P\), got shape \(5,\)", id="rank1"),
-        pytest.param(lambda: torch.ones(2, 3, 4, device=DEVICE), r"2-D \(T, P\), got shape \(2, 3, 4\)", id="rank3"),
+        pytest.param(lambda: torch.ones(5, device=DEVICE), r"\(T, P\) or \(\.\.\., T, P\), got shape \(5,\)", id="rank1"),
         pytest.param(lambda: torch.ones(10, 3, device=DEVICE).T, r"contiguous rows .*\(1, 3\)", id="column-major"),
         pytest.param(lambda: torch.ones(2, 8, dtype=torch.float64, device=DEVICE), "torch backend", id="fp64"),
         pytest.param(lambda: torch.ones(2, 8, dtype=torch.int32, device=DEVICE), "torch.int32", id="int32"),
