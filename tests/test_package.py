@@ -1,9 +1,14 @@
-"""Packaging: the import surface, kernels installed as gradsurgery.kernels, no Triton needed, citations."""
+"""Packaging: the import surface, kernels installed as gradsurgery.kernels, no Triton (nor numpy,
+Lightning, Accelerate) needed, the metadata, an sdist that carries its test suite, citations."""
 
 from __future__ import annotations
 
+import email
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -50,7 +55,73 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     assert "gradsurgery/kernels/__init__.py" in names and "gradsurgery/kernels/gram.py" in names
     assert "gradsurgery/methods/cagrad.py" in names
+    assert "gradsurgery/integrations/lightning.py" in names and "gradsurgery/integrations/accelerate.py" in names
+    assert "gradsurgery/py.typed" in names
     assert not any(name.startswith(("kernels/", "tests/", "bench/")) for name in names)
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    _check_metadata(zipfile.ZipFile(wheel).read(metadata).decode())
+
+
+def _check_metadata(text: str) -> None:
+    """PKG-INFO / METADATA: an SPDX licence, the torch floor CI tests, no numpy, typed."""
+    meta = email.message_from_string(text)
+    assert meta["License-Expression"] == "MIT" and "LICENSE" in meta.get_all("License-File")
+    classifiers = meta.get_all("Classifier")
+    assert "Typing :: Typed" in classifiers and "Programming Language :: Python :: 3.11" in classifiers
+    assert not any(c.startswith("License ::") for c in classifiers)  # the SPDX expression replaces them
+    required = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
+    assert required == ["torch<3,>=2.13"]
+    test_extra = [r.split(";")[0].split(">")[0].strip() for r in meta.get_all("Requires-Dist") if "extra == \"test\"" in r]
+    assert {"lightning", "accelerate", "numpy"} <= set(test_extra)
+
+
+# What the suite reads besides the package: the sdist must carry all of it for its tests to run
+# (pip install -e ".[test,triton]" && python -m pytest in the unpacked folder).
+SDIST_MUST_HOLD = ("tests", "bench", "examples", "docs")
+
+
+def test_sdist_carries_the_test_suite_and_what_it_reads(tmp_path: Path) -> None:
+    # Built from a copy without *.egg-info: setuptools adds the files an old SOURCES.txt lists, which
+    # would hide a MANIFEST.in that leaves them out.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "*.egg-info", "build", "dist", "__pycache__", "bench_out"))
+    build = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (sdist,) = tmp_path.glob("gradsurgery-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        top = f"{sdist.name[: -len('.tar.gz')]}/"
+        names = {name[len(top) :] for name in archive.getnames() if name.startswith(top)}
+        pkg_info = archive.extractfile(top + "PKG-INFO").read().decode()  # type: ignore[union-attr]
+    expected = set()
+    for folder in SDIST_MUST_HOLD:
+        for dirpath, dirnames, filenames in os.walk(ROOT / folder):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+            expected |= {(Path(dirpath) / f).relative_to(ROOT).as_posix() for f in filenames if not f.endswith(".pyc")}
+    assert {"tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/reference.py"} <= expected
+    missing = sorted(expected - names)
+    assert not missing, f"{len(missing)} files of the suite's folders are not in the sdist: {missing[:20]}"
+    for name in ("CITATION.cff", "LICENSE", "README.md", "pyproject.toml", "gradsurgery/py.typed", "kernels/gram.py"):
+        assert name in names, name
+    _check_metadata(pkg_info)
+
+
+def test_the_library_needs_no_numpy(tmp_path: Path) -> None:
+    # torch does not require numpy, so gradsurgery must not either: a wrapper step and its diagnostics.
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, gradsurgery as gs\n"
+        "m = torch.nn.Linear(3, 2); opt = gs.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), seed=0)\n"
+        "out = m(torch.randn(4, 3)); opt.backward([out[:, 0].mean(), out[:, 1].pow(2).mean()]); opt.step()\n"
+        "print(sorted(opt.diagnostics(flat=True))[:2])"
+    )
+    assert _python(code, tmp_path) == "['conflicts', 'cos/0-1']"
 
 
 def test_cite_prints_the_library_and_every_method(capsys: pytest.CaptureFixture[str]) -> None:
