@@ -213,3 +213,18 @@ def test_the_weights_benchmark_covers_every_method_with_weights(tmp_path: Path) 
         assert entry["ours_ms"] > 0
         if "over_torchjd" in entry:
             assert entry["bound"] == (0.5 if bm.lookup(name).name in bench_aggregation.QP_BASED else 1.0)
+
+
+def test_a_memory_variant_that_failed_is_reported_not_checked() -> None:
+    from bench.suite.report import memory_table
+    from bench.suite.targets import targets
+
+    variants = {
+        "naive": {"peak_extra": 10, "steady_peak_extra": 10},
+        "gs-pcgrad-loop": {"error": "RuntimeError: in the child"},
+        "torchjd-pcgrad": {"peak_extra": 20, "steady_peak_extra": 20},
+    }
+    mem = {"model": "mlp", "T": 8, "shared_params": 100, "variants": variants}
+    _, body = memory_table([mem])
+    assert ["gs-pcgrad-loop", "failed", "failed"] in body
+    assert targets([], [mem], None) == []

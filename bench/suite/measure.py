@@ -129,15 +129,19 @@ def bench_tiny(*, rounds: int, budget_s: float, out: Path, run_id: str) -> dict[
 
 
 def bench_memory(spec: Spec, kinds: tuple[str, ...], *, threads: int, out: Path, run_id: str) -> dict[str, Any]:
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for kind in kinds:
-        results[kind] = harness.peak_memory_during(
-            functools.partial(make_step, spec, kind),
-            calls=2,
-            threads=threads,
-            steady_calls=2,
-            mmap_threshold=MMAP_THRESHOLD,
-        )
+        try:
+            results[kind] = harness.peak_memory_during(
+                functools.partial(make_step, spec, kind),
+                calls=2,
+                threads=threads,
+                steady_calls=2,
+                mmap_threshold=MMAP_THRESHOLD,
+            )
+        except Exception as error:  # noqa: BLE001 — a step that fails in its child is a result, not the end of the run
+            results[kind] = {"error": f"{type(error).__name__}: {error}"[:400]}
+            print(f"  memory {spec.label} {kind}: {results[kind]['error']}", flush=True)
     print(f"  memory {spec.label}: done", flush=True)
     return harness.record(
         out,

@@ -76,7 +76,10 @@ def memory_table(mems: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         for m in mems:
             v = m["variants"]
             for key in ("peak_extra", "steady_peak_extra"):
-                if kind not in v or key not in v[kind]:
+                if kind in v and "error" in v[kind]:
+                    cells.append("failed")
+                    continue
+                if kind not in v or key not in v[kind] or "error" in v.get("naive", {}):
                     cells.append("—")
                     continue
                 value, base = v[kind][key], v["naive"][key]

@@ -72,7 +72,7 @@ def targets(
             )
     for m in mems:
         case = f"{m['model']} T={m['T']}"
-        v = m["variants"]
+        v = {kind: entry for kind, entry in m["variants"].items() if "error" not in entry}
         for kind in v:
             if kind.startswith("gs-") and not kind.endswith("-repr"):
                 for prefix, name in (("torchjd", "autojac"), ("autogram", "autogram")):
