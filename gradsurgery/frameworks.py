@@ -79,6 +79,8 @@ def backward(
     outside it: see :func:`outside_autocast`.
     """
     wrapper = unwrap(optimizer)
+    if not isinstance(losses, torch.Tensor):
+        losses = list(losses)  # an iterator is read more than once below
     if accelerator is not None:
         from .integrations.accelerate import accelerated
 
@@ -93,8 +95,9 @@ def outside_autocast(losses: Losses) -> Iterator[None]:
 
     Frameworks call the backward inside the forward's autocast region (Lightning runs the whole
     ``training_step`` in it), where the wrapper's Gram matrix and combine — matrix products — would
-    run in fp16/bf16 (a Gram of 45.0 for 44.97 in bf16). Backpropagation itself does not autocast, so
-    this changes only the wrapper's own arithmetic, back to what a backward outside the region does.
+    run in fp16/bf16 (a Gram of 45.0 for 44.97 in bf16). PyTorch's advice is to leave the region
+    before the backward: backward ops run in the dtype their forward chose either way, so this changes
+    only the wrapper's own arithmetic, back to what a backward outside the region does.
     """
     device = check_losses(losses)[0].device.type
     if not torch.is_autocast_enabled(device):
