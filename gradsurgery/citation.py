@@ -17,8 +17,8 @@ METHOD_BIBTEX: dict[str, str] = {method.name: method.bibtex for method in REGIST
 
 def bibtex(method: str | None = None) -> str:
     """The library's BibTeX and every method's, or only the named method's (``"PCGrad"``, ...)."""
-    if method is None:
-        return "\n\n".join([LIBRARY_BIBTEX, *METHOD_BIBTEX.values()])
+    if method is None:  # each entry once (a method's loss and gradient forms share a paper)
+        return "\n\n".join([LIBRARY_BIBTEX, *dict.fromkeys(METHOD_BIBTEX.values())])
     if method not in METHOD_BIBTEX:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_BIBTEX)}")
     return METHOD_BIBTEX[method]

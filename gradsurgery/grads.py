@@ -33,7 +33,12 @@ def new_grad(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
     """``p.grad += Σ grads`` (a new ``.grad`` in ``p``'s layout when it is ``None``), as
-    ``loss.backward()`` accumulates. Sparse gradients (``nn.Embedding(sparse=True)``) stay sparse."""
+    ``loss.backward()`` accumulates. Sparse gradients (``nn.Embedding(sparse=True)``) stay sparse.
+
+    Like ``loss.backward()``, a fresh gradient that nothing else holds becomes ``.grad`` itself
+    instead of a copy: one that owns its whole storage (not a view), already in ``p``'s layout, and
+    not given to another parameter in the same call."""
+    handed: set[int] = set()  # storages that became a .grad in this call
     for p, grads in pairs:
         if not grads:
             continue
@@ -45,11 +50,24 @@ def accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> No
             else:
                 total = torch.stack([g.detach() for g in grads]).sum(0)
         if p.grad is None:
-            p.grad = new_grad(p, total.detach())
+            value = total.detach()
+            p.grad = value if _can_hand_over(p, value, handed) else new_grad(p, value)
         elif p.grad.is_sparse and not total.is_sparse:
             p.grad = p.grad + total.detach()
         else:
             p.grad.add_(total.detach())
+
+
+def _can_hand_over(p: torch.Tensor, value: torch.Tensor, handed: set[int]) -> bool:
+    if value.is_sparse or value.requires_grad or value._base is not None or value.storage_offset() != 0:
+        return False
+    if value.dtype != p.dtype or value.device != p.device or value.stride() != grad_strides(p):
+        return False
+    storage = value.untyped_storage()
+    if storage.nbytes() != value.numel() * value.element_size() or storage.data_ptr() in handed:
+        return False
+    handed.add(storage.data_ptr())
+    return True
 
 
 def dense(grad: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,8 @@ class LossWeightingWrapper(MethodWrapper):
         params = [p for p in all_params(self.optimizer) if p.requires_grad]
         check_real(params)
         stacked = torch.stack([value.reshape(()) for value in checked])
-        if self.nonfinite != "propagate" or loss.positive:
-            self._check_values(stacked.detach(), loss)
+        if self.nonfinite != "propagate" or self._positive():
+            self._check_values(stacked.detach())
         outcome = self._outcome
         state = outcome.method_state
         if state is None or (state and state_tasks(state) != T):
@@ -113,15 +113,19 @@ class LossWeightingWrapper(MethodWrapper):
         self._layout.checkpoint_tasks = None
         self._accumulation.unstepped = True
 
-    def _check_values(self, values: torch.Tensor, loss: Objective) -> None:
+    def _positive(self) -> bool:
+        positive = self._objective().positive
+        return positive(self.options) if callable(positive) else positive
+
+    def _check_values(self, values: torch.Tensor) -> None:
         """The loss values, read back once: non-finite ones follow the policy; a loss ≤ 0 is refused
         where the method takes its logarithm."""
         host = values.tolist()
-        if loss.positive:
-            bad = [t for t, v in enumerate(host) if not v > 0]
+        if self._positive():
+            bad = [t for t, v in enumerate(host) if v <= 0]  # NaN follows the non-finite policy below
             if bad:
                 raise ValueError(
-                    f"{self.method.name} takes the logarithm of the losses: loss(es) {bad} are ≤ 0 or NaN "
+                    f"{self.method.name} takes the logarithm of the losses: loss(es) {bad} are ≤ 0 "
                     f"({[host[t] for t in bad]}); nothing was changed"
                 )
         bad = [t for t, v in enumerate(host) if v != v or v in (float("inf"), float("-inf"))]
@@ -141,9 +145,16 @@ class LossWeightingWrapper(MethodWrapper):
     def _method_state(self) -> dict[str, Any]:
         out = super()._method_state()
         out["learned"] = {name: value.detach().clone() for name, value in self.learned.items()}
+        state = self._outcome.method_state
+        out["state"] = None if state is None else {k: v.detach().clone() for k, v in state.items()}
         return out
 
     def _check_method_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("state")
+        if saved and self._layout.num_tasks is not None and state_tasks(saved) != self._layout.num_tasks:
+            raise ValueError(
+                f"checkpoint's {self.method.name} state is for {state_tasks(saved)} tasks, not {self._layout.num_tasks}"
+            )
         for name, value in state.get("learned", {}).items():
             mine = self.learned.get(name)
             if mine is None or mine.shape != value.shape:
@@ -154,6 +165,8 @@ class LossWeightingWrapper(MethodWrapper):
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         super()._load_method_state(state)
+        saved = state.get("state")
+        self._outcome.method_state = None if saved is None else {k: v.clone() for k, v in saved.items()}
         with torch.no_grad():
             for name, value in state.get("learned", {}).items():
                 self.learned[name].copy_(value)

@@ -30,6 +30,11 @@ and fails at rank 0, like the official code. A ``G`` holding a NaN or an infinit
 The decomposition is one ``torch.linalg.eigh`` of ``G`` (``T × T``, float64): on CUDA ``eigh`` checks
 its error code on the host, a synchronisation; nothing else reads a value back (the official code and
 TorchJD count the rank and index with it on the host).
+
+**Batches.** ``G`` of shape ``(..., T, T)`` gives ``w`` of shape ``(..., T)`` (and ``B`` of shape
+``(..., T, T)``): one independent problem per entry, one batched ``eigh`` and elementwise products for
+all of them. On the CPU each entry's ``w`` is bit-identical to the unbatched call (on CUDA, to rounding: a
+batched ``eigh`` may use another algorithm); ``B``, a matrix product, agrees to rounding.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import math
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import prepare, rank_tolerance
+from ._spectral import matvec, prepare, rank_tolerance
 from .spec import Method, Option, one_of
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -59,48 +64,54 @@ def check_aligned_mtl_options(scale_mode: str) -> None:
 
 
 def aligned_mtl_weights(G: torch.Tensor, *, scale_mode: str = "min", reduction: str = "sum") -> torch.Tensor:
-    """Weights ``w = B·1`` (float64, on G's device) with ``d = wᵀJ`` the Aligned-MTL update (sum scale)."""
+    """Weights ``w = B·1`` (float64, on G's device) with ``d = wᵀJ`` the Aligned-MTL update (sum scale).
+
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)``; ``w`` is ``(..., T)``."""
     check_gram(G)
     check_aligned_mtl_options(scale_mode)
     check_reduction(reduction)
     U, factors, present, poison = _spectrum(G, scale_mode)
-    w = U @ (factors * U.sum(dim=0)) * present  # B·1 = U diag(f) Uᵀ1
-    return to_reduction(torch.where(present.any(), w, 1.0) + poison, reduction)  # rank 0: B = I
+    w = matvec(U, factors * U.sum(dim=-2)) * present  # B·1 = U diag(f) Uᵀ1
+    rank_0 = present.any(dim=-1, keepdim=True)  # rank 0: B = I
+    return to_reduction(torch.where(rank_0, w, 1.0) + poison[..., None], reduction)
 
 
 def balance_transformation(G: torch.Tensor, *, scale_mode: str = "min") -> torch.Tensor:
-    """``B`` (float64, ``T × T``, on G's device): the aligned gradients are the rows of ``B J``."""
+    """``B`` (float64, ``T × T``, on G's device): the aligned gradients are the rows of ``B J``; for a
+    batch ``G`` of shape ``(..., T, T)``, one ``B`` per entry."""
     check_gram(G)
     check_aligned_mtl_options(scale_mode)
     U, factors, present, poison = _spectrum(G, scale_mode)
-    B = (U * factors) @ U.mT * torch.outer(present, present)
-    return torch.where(present.any(), B, torch.eye(B.shape[0], dtype=B.dtype, device=B.device)) + poison
+    B = (U * factors[..., None, :]) @ U.mT * (present[..., :, None] * present[..., None, :])
+    identity = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
+    return torch.where(present.any(dim=-1)[..., None, None], B, identity) + poison[..., None, None]
 
 
 def _spectrum(G: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, ...]:
     """``(U, f, present, poison)`` with ``B = U diag(f) Uᵀ``: ``f = s/sqrt(λ)`` on the kept eigenvalues,
     0 elsewhere (NaN when none is kept); ``present`` masks the non-zero gradients (a zero gradient's row
     and column of ``B`` are set to 0 exactly, rather than to the rounding of the other eigenvectors)."""
-    T = G.shape[0]
+    T = G.shape[-1]
     G64, poison, zero = prepare(G)  # B is invariant to G's scale: no need to normalise it
-    present = torch.heaviside(G64.diagonal(), zero)
+    present = torch.heaviside(G64.diagonal(dim1=-2, dim2=-1), zero)
     lam, U = torch.linalg.eigh(G64.nan_to_num(0.0, 0.0, 0.0))  # ascending: the kept eigenvalues last
-    kept_lam = torch.where(lam > lam[-1] * rank_tolerance(G.dtype, T), lam, math.inf)  # s²/∞ = 0 for the others
+    kept_lam = torch.where(lam > lam[..., -1:] * rank_tolerance(G.dtype, T), lam, math.inf)  # s²/∞ = 0 for the others
     factors = (_squared_scale(lam, kept_lam, scale_mode) / kept_lam).sqrt()
     return U, factors, present, poison
 
 
 def _squared_scale(lam: torch.Tensor, kept_lam: torch.Tensor, scale_mode: str) -> torch.Tensor:
-    """``s²`` from the kept eigenvalues, the last ``rank`` entries of the ascending ``lam``."""
+    """``s²`` (shape ``(..., 1)``) from the kept eigenvalues, the last ``rank`` entries of the ascending ``lam``."""
     if scale_mode == "min":
-        return kept_lam.amin()
+        return kept_lam.amin(dim=-1, keepdim=True)
     kept = kept_lam < math.inf
-    rank = kept.sum()
+    rank = kept.sum(dim=-1, keepdim=True)
     if scale_mode == "median":
         # torch.median of the kept values: the ((rank − 1) // 2)-th smallest, at T − rank + that.
-        index = (lam.shape[0] - rank + (rank - 1).clamp_min(0) // 2).clamp(max=lam.shape[0] - 1)
-        return lam.gather(0, index.reshape(1)).squeeze(0)
-    return (lam * kept).sum() / rank.clamp_min(1)
+        T = lam.shape[-1]
+        index = (T - rank + (rank - 1).clamp_min(0) // 2).clamp(max=T - 1)
+        return lam.gather(-1, index)
+    return (lam * kept).sum(dim=-1, keepdim=True) / rank.clamp_min(1)
 
 
 METHOD = Method(

@@ -46,6 +46,10 @@ its ``pref_vector`` is the direction-weight vector.
 
 For ``T ≥ 3`` the decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA
 ``eigh`` checks its error code on the host, a synchronisation; nothing else reads a value back.
+
+**Batches.** ``G`` of shape ``(..., T, T)`` gives ``w`` of shape ``(..., T)``: one independent problem per
+entry, one batched ``eigh`` and elementwise products for all of them. On the CPU each entry is bit-identical
+to the unbatched call (on CUDA, to rounding: a batched ``eigh`` may use another algorithm).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import prepare, rank_tolerance, unit_gram
+from ._spectral import dot, matvec, prepare, rank_tolerance, rmatvec, unit_gram
 from .spec import Method, Option, one_of
 
 LENGTHS = ("projection", "min", "max", "arithmetic_mean", "harmonic_mean", "geometric_mean")
@@ -73,31 +77,34 @@ def check_config_options(length: str) -> None:
 
 
 def config_weights(G: torch.Tensor, *, length: str = "projection", reduction: str = "sum") -> torch.Tensor:
-    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the ConFIG update (its own, sum-like scale)."""
+    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the ConFIG update (its own, sum-like scale).
+
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)``; ``w`` is ``(..., T)``."""
     check_gram(G)
     check_config_options(length)
     check_reduction(reduction)
-    T = G.shape[0]
+    T = G.shape[-1]
     eps = torch.finfo(G.dtype).eps
     G64, poison, zero = prepare(G)
+    poison = poison[..., None]
     C, inverse_norms, mask = unit_gram(G64, zero)
-    norms = G64.diagonal().sqrt()
+    norms = G64.diagonal(dim1=-2, dim2=-1).sqrt()
     if T == 2:
         return to_reduction(_two_tasks(C, norms, inverse_norms, mask, length, eps, zero) + poison, reduction)
     lam, Q = torch.linalg.eigh(C)  # ascending
-    kept = lam > lam[-1] * rank_tolerance(G.dtype, T)
-    in_range = Q.mT @ mask * kept  # the part of 1 (over the non-zero gradients) in C's range, eigenbasis
+    kept = lam > lam[..., -1:] * rank_tolerance(G.dtype, T)
+    in_range = rmatvec(Q, mask) * kept  # the part of 1 (over the non-zero gradients) in C's range, eigenbasis
     coefficients = torch.where(kept, in_range / lam, zero)
-    a = Q @ coefficients  # C⁺1
-    squared = in_range @ coefficients  # aᵀCa = ‖x‖²
-    projections = Q @ in_range  # Ca: each unit gradient's projection onto x
+    a = matvec(Q, coefficients)  # C⁺1
+    squared = dot(in_range, coefficients)  # aᵀCa = ‖x‖²
+    projections = matvec(Q, in_range)  # Ca: each unit gradient's projection onto x
     if length == "projection":
-        total = norms @ projections
+        total = dot(norms, projections)
     else:
-        total = _tracked_norm(norms, inverse_norms, mask, length, zero) * projections.sum()
-    has_direction = in_range @ in_range > mask.sum() * eps
+        total = _tracked_norm(norms, inverse_norms, mask, length, zero) * projections.sum(dim=-1)
+    has_direction = dot(in_range, in_range) > mask.sum(dim=-1) * eps
     scale = torch.where(has_direction, total / squared, zero)
-    return to_reduction(scale * a * inverse_norms + poison, reduction)
+    return to_reduction(scale[..., None] * a * inverse_norms + poison, reduction)
 
 
 def _two_tasks(
@@ -113,27 +120,30 @@ def _two_tasks(
     # Ca = 1 and aᵀCa = 2/(1 + ρ), so w_j = τ·(1ᵀCa/aᵀCa)·a_j/n_j = τ/n_j, with τ the mean norm for
     # "projection" (nᵀCa = n₁ + n₂). d = 0 when 1 + ρ is zero to the rank tolerance (antiparallel
     # gradients). One non-zero gradient: w = 1 on it (its C is [[1, 0], [0, 0]]).
-    rho = C[0, 1]
-    aligned = 1 + rho > 2 * eps * (1 + rho.abs())
-    tau = norms.mean() if length == "projection" else _tracked_norm(norms, inverse_norms, mask, length, zero)
-    return torch.where(mask.prod() > zero, torch.where(aligned, tau * inverse_norms, zero), mask)
+    rho = C[..., 0, 1]
+    aligned = (1 + rho > 2 * eps * (1 + rho.abs()))[..., None]
+    tau = norms.mean(dim=-1) if length == "projection" else _tracked_norm(norms, inverse_norms, mask, length, zero)
+    both = mask.prod(dim=-1, keepdim=True) > zero
+    return torch.where(both, torch.where(aligned, tau[..., None] * inverse_norms, zero), mask)
 
 
 def _tracked_norm(
     norms: torch.Tensor, inverse_norms: torch.Tensor, mask: torch.Tensor, length: str, zero: torch.Tensor
 ) -> torch.Tensor:
-    """The common norm ``τ`` of the ``Track*`` length models, over the non-zero gradients (0 if none)."""
-    count = mask.sum()
+    """The common norm ``τ`` (shape ``(...)``) of the ``Track*`` length models, over the non-zero gradients
+    (0 if none)."""
+    count = mask.sum(dim=-1)
     if length == "min":
-        value = (norms + (1 - mask) * norms.amax()).amin()  # a zero gradient's norm lifted to the largest
+        lifted = norms + (1 - mask) * norms.amax(dim=-1, keepdim=True)  # a zero gradient's norm lifted to the largest
+        value = lifted.amin(dim=-1)
     elif length == "max":
-        value = norms.amax()
+        value = norms.amax(dim=-1)
     elif length == "arithmetic_mean":
-        value = norms.sum() / count
+        value = norms.sum(dim=-1) / count
     elif length == "harmonic_mean":
-        value = count / inverse_norms.sum()
+        value = count / inverse_norms.sum(dim=-1)
     else:
-        value = ((norms + 1 - mask).log().sum() / count).exp()  # log 1 = 0 for a zero gradient
+        value = ((norms + 1 - mask).log().sum(dim=-1) / count).exp()  # log 1 = 0 for a zero gradient
     return torch.where(count > zero, value, zero)
 
 

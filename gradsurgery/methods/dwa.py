@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import Method, Objective, Option, State, finite_number, positive_int
+from .spec import Method, Objective, Option, finite_number, positive_int
 
 BIBTEX = """@inproceedings{liu2019end,
   title     = {End-to-End Multi-Task Learning with Attention},
@@ -78,7 +78,5 @@ METHOD = Method(
         Option("temperature", 2.0, finite_number("temperature", low=0.0, low_open=True), "softmax temperature (the paper's 2.0)"),
         Option("period", 1, positive_int("period"), "backward() calls averaged into one ratio (len(loader): the paper's epochs)"),
     ),
-    # The wrapper saves and checks a method's state through Method.state; the objective's is the same.
-    state=State(init=dwa_state, doc="the two last period averages, the current period's sum, the calls so far"),
     loss=Objective(objective=dwa_objective, init=dwa_state),
 )

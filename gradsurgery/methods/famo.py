@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import Method, Objective, Option, State, finite_number
+from .spec import Method, Objective, Option, finite_number
 
 BIBTEX = """@inproceedings{liu2023famo,
   title     = {{FAMO}: Fast Adaptive Multitask Optimization},
@@ -104,7 +104,5 @@ METHOD = Method(
         Option("w_lr", 0.025, finite_number("w_lr", low=0.0, low_open=True), "Adam learning rate of the task logits"),
         Option("gamma", 0.001, finite_number("gamma", low=0.0), "Adam (L2) weight decay of the task logits"),
     ),
-    # The wrapper saves and checks a method's state through Method.state; the objective's is the same.
-    state=State(init=famo_state, doc="the logits, Adam's moments, the calls so far, the last losses"),
     loss=Objective(objective=famo_objective, init=famo_state, positive=True),
 )

@@ -27,6 +27,13 @@ it). Default ``beta = 1e-2``: the EMA rate the paper uses (Eq. 3), also TorchJD'
 and the current TorchJD default to ``0.5``, which makes the target follow the last few steps instead of
 a long-run average (pass ``beta=0.5`` to compare with them).
 
+**Batches.** ``G`` may carry leading batch dimensions, ``(..., T, T)``: the weights are ``(..., T)``,
+``targets`` (given or returned) ``(..., T, T)``, one independent problem per entry, solved in the same
+tensor operations (no loop over the batch), each entry bit-identical to the unbatched call with the
+same orders and targets. The orders are drawn as for PCGrad: one call for the whole batch, which on the
+CPU draws what one unbatched call per entry, in the batch's row-major order, would draw (on CUDA: the
+same generator state gives the same weights).
+
 **Guards.** A zero ``g_j``, or a ``g_i'`` that is zero or has cancelled to rounding noise
 (``‖g_i'‖² ≤ 64·T·ε·(Σ_k |c_ik|·‖g_k‖)²`` with ``ε`` of ``G``'s dtype, fp32's for narrower ones: e.g. an
 antiparallel pair corrected to ``φ̂ = 0`` cancels exactly) has cosine ``φ = 0`` (LibMTL's and TorchJD's
@@ -71,25 +78,40 @@ def check_gradvac_options(beta: float, target_update: str = "always") -> None:
         raise ValueError(f"target_update must be one of {TARGET_UPDATES}, got {target_update!r}")
 
 
-def check_gradvac_targets(targets: torch.Tensor | None, T: int) -> None:
-    """Shape and dtype of the EMA state against ``T`` tasks (its values are not read: no host sync)."""
+def check_gradvac_targets(targets: torch.Tensor | None, T: int, batch: tuple[int, ...] = ()) -> None:
+    """Shape and dtype of the EMA state against ``T`` tasks and the batch (its values are not read: no
+    host sync). Targets of a shape that broadcasts to ``(*batch, T, T)`` are accepted (``(T, T)``: the
+    same start for every entry)."""
     if targets is None:
         return
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"targets must be a (T, T) tensor or None, got {type(targets).__name__}")
-    if targets.shape != (T, T):
-        raise ValueError(f"targets must have shape ({T}, {T}) for T={T} tasks, got {tuple(targets.shape)}")
+    shape = (*batch, T, T)
+    try:
+        fits = targets.shape[-2:] == (T, T) and torch.broadcast_shapes(targets.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        if not batch:
+            raise ValueError(f"targets must have shape ({T}, {T}) for T={T} tasks, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {shape} (or broadcast to it) for G of batch {batch}, got {tuple(targets.shape)}"
+        )
     if not targets.is_floating_point():
         raise ValueError(f"targets must be floating point, got dtype {targets.dtype}")
 
 
 def gradvac_orders(
-    T: int, *, generator: torch.Generator | None = None, device: torch.device | None = None
+    T: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    batch: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """``(T, T − 1)`` visiting orders: ``random_orders`` for ``T ≥ 3``; the single order for ``T ≤ 2``."""
+    """``(*batch, T, T − 1)`` visiting orders: ``random_orders`` for ``T ≥ 3``; the single order for ``T ≤ 2``."""
     if T >= 3:
-        return random_orders(T, generator=generator, device=device)
-    return (T - 1 - torch.arange(T, device=device)).reshape(T, 1)[:, : T - 1]
+        return random_orders(T, generator=generator, device=device, batch=batch)
+    return (T - 1 - torch.arange(T, device=device)).reshape(T, 1)[:, : T - 1].expand(*batch, T, T - 1)
 
 
 def gradvac_coefficients(
@@ -100,42 +122,47 @@ def gradvac_coefficients(
     beta: float = 1e-2,
     target_update: str = "always",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, new_targets)``: row ``i`` of ``C`` is ``c_i`` (``g_i' = c_iᵀJ``) for the given orders."""
+    """``(C, new_targets)``: row ``i`` of ``C`` is ``c_i`` (``g_i' = c_iᵀJ``) for the given orders.
+
+    ``G`` is ``(..., T, T)``; ``orders`` ``(..., T, T − 1)`` or ``(T, T − 1)`` (the same in every entry);
+    ``targets`` broadcasts to ``G``'s shape; ``C`` and the new targets have ``G``'s shape.
+    """
     Gn = normalized(G)
-    T = Gn.shape[0]
+    T = Gn.shape[-1]
     device = Gn.device
     phi_hat = (
-        torch.zeros(T, T, dtype=torch.float64, device=device)
+        torch.zeros(Gn.shape, dtype=torch.float64, device=device)
         if targets is None
-        else targets.detach().to(device=device, dtype=torch.float64).clone()
+        else targets.detach().to(device=device, dtype=torch.float64).expand(Gn.shape).clone()
     )
-    rows = torch.arange(T, device=device)
-    coefficients = torch.eye(T, dtype=torch.float64, device=device)
+    orders = orders.to(device).expand(*Gn.shape[:-2], T, T - 1)
+    coefficients = torch.eye(T, dtype=torch.float64, device=device).expand_as(Gn).clone()
     projections = Gn.clone()  # row i: G c_i, so (G c_i)_j = g_i'·g_j
-    norms = Gn.diagonal().clamp_min(0).sqrt()
+    norms = Gn.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     magnitude = norms.clone()  # Σ_k |c_ik|·‖g_k‖ ≥ ‖g_i'‖
     # A squared norm this far below its terms' magnitude is rounding noise (fp32's ε for narrower G).
     noise = 64 * T * torch.finfo(torch.float64 if G.dtype == torch.float64 else torch.float32).eps
-    zero = torch.zeros(T, dtype=torch.float64, device=device)
+    zero = torch.zeros(Gn.shape[:-1], dtype=torch.float64, device=device)
     one = torch.ones_like(zero)
-    for visit in orders.to(device).unbind(dim=1):
-        inner = projections.gather(1, visit[:, None]).squeeze(1)
-        norm_sq = (projections * coefficients).sum(dim=1)  # ‖g_i'‖²
+    for visit in orders.unbind(dim=-1):
+        column = visit[..., None]
+        inner = projections.gather(-1, column).squeeze(-1)
+        norm_sq = (projections * coefficients).sum(dim=-1)  # ‖g_i'‖²
         norm_i = norm_sq.clamp_min(0).sqrt()
-        norm_j = norms[visit]
+        norm_j = norms.gather(-1, visit)
         live = (norm_sq > noise * magnitude.square()) & (norm_j > 0)
         phi = torch.where(live, inner / torch.where(live, norm_i * norm_j, one), zero).clamp(-1.0, 1.0)
-        target = phi_hat[rows, visit]
+        target = phi_hat.gather(-1, column).squeeze(-1)
         room = (1 - target.square()).clamp_min(0).sqrt()  # √(1 − φ̂²)
         below = phi < target
         correct = live & below & (room > 0)
         step = norm_i * (target * (1 - phi.square()).clamp_min(0).sqrt() - phi * room)
         a = torch.where(correct, step / torch.where(correct, norm_j * room, one), zero)
-        coefficients[rows, visit] += a
-        projections += a[:, None] * Gn[visit]
+        coefficients.scatter_(-1, column, coefficients.gather(-1, column) + a[..., None])
+        projections += a[..., None] * Gn.gather(-2, column.expand_as(Gn))
         magnitude += a.abs() * norm_j
         moved = (1 - beta) * target + beta * phi
-        phi_hat[rows, visit] = moved if target_update == "always" else torch.where(below, moved, target)
+        phi_hat.scatter_(-1, column, (moved if target_update == "always" else torch.where(below, moved, target))[..., None])
     return coefficients, phi_hat
 
 
@@ -149,7 +176,8 @@ def gradvac_weights(
     target_update: str = "always",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w, new_targets)``: weights ``w = Σ_i c_i`` (float64, on G's device; ``d = wᵀJ``) and the
-    updated ``(T, T)`` float64 EMA targets.
+    updated ``(T, T)`` float64 EMA targets; for a batch ``G`` of shape ``(..., T, T)``, ``w`` is
+    ``(..., T)`` and the targets (given: any shape that broadcasts) ``(..., T, T)``.
 
     ``targets=None`` starts from zeros. Pass a generator on G's device (the orders are drawn there).
     No host sync.
@@ -157,15 +185,17 @@ def gradvac_weights(
     check_gram(G)
     check_gradvac_options(beta, target_update)
     check_reduction(reduction)
-    T = G.shape[0]
-    check_gradvac_targets(targets, T)
-    orders = gradvac_orders(T, generator=generator, device=G.device)
+    T = G.shape[-1]
+    batch = tuple(G.shape[:-2])
+    check_gradvac_targets(targets, T, batch)
+    orders = gradvac_orders(T, generator=generator, device=G.device, batch=batch)
     coefficients, new_targets = gradvac_coefficients(G, orders, targets, beta=beta, target_update=target_update)
-    # NaN or Inf anywhere in G: NaN weights for the caller's check, and the state does not move.
-    finite = torch.isfinite(G).all()
-    w = torch.where(finite, coefficients.sum(dim=0), torch.full_like(coefficients[0], torch.nan))
+    # NaN or Inf anywhere in an entry's G: NaN weights for the caller's check, and its state does not move.
+    finite = torch.isfinite(G).flatten(-2).all(dim=-1)[..., None]
+    w = coefficients.sum(dim=-2)
+    w = torch.where(finite, w, torch.full_like(w, torch.nan))
     old = torch.zeros_like(new_targets) if targets is None else targets.detach().to(G.device, torch.float64)
-    return to_reduction(w, reduction), torch.where(finite, new_targets, old)
+    return to_reduction(w, reduction), torch.where(finite[..., None], new_targets, old)
 
 
 def _weights_with_state(

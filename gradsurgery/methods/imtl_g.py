@@ -48,6 +48,10 @@ uses the ``D, U`` formula with a pseudo-inverse and zero unit vectors for zero g
 
 For ``T ≥ 3`` the decomposition is one ``torch.linalg.eigh`` of ``C`` (``T × T``, float64): on CUDA
 ``eigh`` checks its error code on the host, a synchronisation; nothing else reads a value back.
+
+**Batches.** ``G`` of shape ``(..., T, T)`` gives ``w`` of shape ``(..., T)``: one independent problem per
+entry, one batched ``eigh`` and elementwise products for all of them. On the CPU each entry is bit-identical
+to the unbatched call (on CUDA, to rounding: a batched ``eigh`` may use another algorithm).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_gram, check_reduction, to_reduction
-from ._spectral import prepare, rank_tolerance, unit_gram
+from ._spectral import dot, matvec, prepare, rank_tolerance, rmatvec, unit_gram
 from .spec import Method
 
 BIBTEX = """@inproceedings{liu2021towards,
@@ -68,36 +72,39 @@ BIBTEX = """@inproceedings{liu2021towards,
 
 
 def imtl_g_weights(G: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the IMTL-G update: ``T·α`` on the sum scale."""
+    """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the IMTL-G update: ``T·α`` on the sum scale.
+
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)``; ``w`` is ``(..., T)``."""
     check_gram(G)
     check_reduction(reduction)
-    T = G.shape[0]
+    T = G.shape[-1]
     eps = torch.finfo(G.dtype).eps
     G64, poison, zero = prepare(G)
+    poison = poison[..., None]
     if T == 2:
         return to_reduction(_two_tasks(G64, zero) + poison, reduction)
     C, inverse_norms, mask = unit_gram(G64, zero)
     lam, Q = torch.linalg.eigh(C)  # ascending
-    null = lam <= lam[-1] * rank_tolerance(G.dtype, T)
-    b = Q.mT @ mask  # 1 (over the non-zero gradients) in the eigenbasis
+    null = lam <= lam[..., -1:] * rank_tolerance(G.dtype, T)
+    b = rmatvec(Q, mask)  # 1 (over the non-zero gradients) in the eigenbasis
     null_b = b * null
-    count = mask.sum()
+    count = mask.sum(dim=-1, keepdim=True)
     # P₀1 when its norm exceeds √ε·‖1‖, else C⁺1 (Q is orthogonal: ‖P₀1‖ = ‖null_b‖).
-    use_null = null_b @ null_b > count * eps
-    beta = Q @ torch.where(use_null, null_b, torch.where(null, zero, b / lam))
+    use_null = dot(null_b, null_b)[..., None] > count * eps
+    beta = matvec(Q, torch.where(use_null, null_b, torch.where(null, zero, b / lam)))
     alpha = beta * inverse_norms
-    alpha = alpha / alpha.sum()
+    alpha = alpha / alpha.sum(dim=-1, keepdim=True)
     # Σα = 0 up to the rounding of its terms (or NaN from 0/0): no finite α satisfies the condition.
-    solvable = alpha.abs().sum() < 1 / (T * eps)
+    solvable = alpha.abs().sum(dim=-1, keepdim=True) < 1 / (T * eps)
     return to_reduction(torch.where(solvable, alpha * count, zero) + (1 - mask) + poison, reduction)
 
 
 def _two_tasks(G: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     # Two non-zero gradients: α = (n₂, n₁)/(n₁ + n₂) whatever their angle (C⁻¹1 ∝ 1 for a 2 × 2 cosine
     # matrix, and P₀1 ∝ 1 or 0 when it is singular), so w = 2α. One or none: w = 1.
-    norms = G.diagonal().sqrt()
-    w = 2 * norms.flip(0) / norms.sum()
-    return torch.where(norms.prod() > zero, w, 1.0)
+    norms = G.diagonal(dim1=-2, dim2=-1).sqrt()
+    w = 2 * norms.flip(-1) / norms.sum(dim=-1, keepdim=True)
+    return torch.where(norms.prod(dim=-1, keepdim=True) > zero, w, 1.0)
 
 
 METHOD = Method(name="IMTLG", function="imtl_g", weights=imtl_g_weights, doc=__doc__ or "", bibtex=BIBTEX)

@@ -10,6 +10,16 @@ coefficient vector ``c_i`` (``c_i = e_i`` at the start); visiting ``j``, ``ip = 
 they advance together: ``T − 1`` rounds of ``O(T²)`` tensor work, in float64. ``T = 2`` has a single
 order (nothing is drawn from the generator) and the closed form ``w_i = 1 − G_01/G_ii`` on conflict.
 
+**Batches.** ``G`` may carry leading batch dimensions, ``(..., T, T)`` → ``w`` of shape ``(..., T)``: every
+entry is an independent problem, solved in the same tensor operations (no loop over the batch), each
+entry bit-identical to the unbatched call with the same orders. The orders of the whole batch are drawn
+in one call, ``torch.rand((..., T, T))`` (the unbatched call is the batch ``()``), in row-major order of
+the batch. On the CPU (mt19937, uniform draws taken one after the other in memory order) entry ``b`` of a
+flattened batch of ``B`` draws exactly what the ``b``-th of ``B`` consecutive unbatched calls would, and
+the generator ends in the same state: a batched call equals the loop of unbatched calls. On CUDA
+(Philox, counter-based) one call of ``B·T²`` draws differs from ``B`` calls of ``T²``; there the rule is
+only that the same generator state gives the same weights. ``T = 2`` draws nothing, batched or not.
+
 Differences from the official TensorFlow code: it visits every task in the fixed order 0…T−1, the
 task itself included (the result of its ``tf.random.shuffle`` is discarded), where the paper and this
 implementation draw a random order of the others; it projects the whole gradient of its ``var_list``,
@@ -44,31 +54,44 @@ BIBTEX = """@inproceedings{yu2020gradient,
 }"""
 
 
-def random_orders(T: int, *, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
-    """``(T, T − 1)`` int64: row ``i`` is a uniformly random order of the tasks other than ``i``.
+def random_orders(
+    T: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    batch: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """``(*batch, T, T − 1)`` int64: row ``i`` is a uniformly random order of the tasks other than ``i``.
 
     Drawn from ``generator`` (torch's default generator when ``None``) on the generator's device and
-    moved to ``device``.
+    moved to ``device``, in one call for the whole batch: ``T²`` uniform keys per entry, in row-major
+    order of the batch (on the CPU the same draws as one unbatched call per entry, in that order).
     """
     source = generator.device if generator is not None else device
-    keys = torch.rand(T, T, generator=generator, device=source)
-    keys.fill_diagonal_(2.0)  # larger than any uniform draw: task i sorts last and is dropped
-    return keys.argsort(dim=1)[:, : T - 1].to(device)
+    keys = torch.rand(*batch, T, T, generator=generator, device=source)
+    keys.diagonal(dim1=-2, dim2=-1).fill_(2.0)  # larger than any uniform draw: task i sorts last and is dropped
+    return keys.argsort(dim=-1)[..., : T - 1].to(device)
 
 
 def pcgrad_coefficients(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """``(T, T)`` float64 matrix whose row ``i`` is ``c_i``: projected ``g_i = c_iᵀ J`` for the given orders."""
+    """``(..., T, T)`` float64 matrix whose row ``i`` is ``c_i``: projected ``g_i = c_iᵀ J`` for the given orders.
+
+    ``G`` is ``(..., T, T)``; ``orders`` ``(..., T, T − 1)``, or ``(T, T − 1)`` for the same orders in every
+    entry of the batch.
+    """
     G = symmetric64(G)
-    T = G.shape[0]
-    rows = torch.arange(T, device=G.device)
-    coefficients = torch.eye(T, dtype=torch.float64, device=G.device)
-    squared_norms = G.diagonal()
-    for visit in orders.to(G.device).unbind(dim=1):
-        inner = (coefficients * G[visit]).sum(dim=1)
-        norm_sq = squared_norms[visit]
+    T = G.shape[-1]
+    orders = orders.to(G.device).expand(*G.shape[:-2], T, T - 1)
+    coefficients = torch.eye(T, dtype=torch.float64, device=G.device).expand_as(G).clone()
+    squared_norms = G.diagonal(dim1=-2, dim2=-1)
+    for visit in orders.unbind(dim=-1):
+        rows = visit[..., None]
+        inner = (coefficients * G.gather(-2, rows.expand_as(G))).sum(dim=-1)
+        norm_sq = squared_norms.gather(-1, visit)
         conflict = (inner < 0) & (norm_sq > 0)
         safe = torch.where(norm_sq > 0, norm_sq, torch.ones_like(norm_sq))
-        coefficients[rows, visit] -= torch.where(conflict, inner / safe, torch.zeros_like(inner))
+        removed = torch.where(conflict, inner / safe, torch.zeros_like(inner))
+        coefficients.scatter_(-1, rows, coefficients.gather(-1, rows) - removed[..., None])
     return coefficients
 
 
@@ -81,16 +104,23 @@ def pcgrad_weights(
 ) -> torch.Tensor:
     """Weights ``w = Σ_i c_i`` (float64, on G's device) with ``d = wᵀJ`` the PCGrad update.
 
-    ``solve(G, orders)`` runs the chains and returns ``Σ_i c_i`` (default: :func:`pcgrad_coefficients`,
-    summed); the backend passes the fused kernel here. The generator should live on G's device: drawing on another
-    device and copying over would synchronise.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)``; ``w`` is ``(..., T)`` (see the module docstring for
+    how a batch's orders are drawn). ``solve(G, orders)`` runs the chains and returns ``Σ_i c_i``
+    (default: :func:`pcgrad_coefficients`, summed); the backend passes the fused kernel here. The fused
+    kernel takes one ``(T, T)`` problem: for a batched ``G`` it is not used and the batch runs on the
+    torch path. The generator should live on G's device: drawing on another device and copying over
+    would synchronise.
     """
     check_gram(G)
     check_reduction(reduction)
-    if G.shape[0] == 2:  # a single order: nothing to draw, and a closed form
+    T = G.shape[-1]
+    if T == 2:  # a single order: nothing to draw, and a closed form
         return to_reduction(_two_tasks(G), reduction)
-    orders = random_orders(G.shape[0], generator=generator, device=G.device)
-    w = pcgrad_coefficients(G, orders).sum(dim=0) if solve is None else solve(G, orders)
+    orders = random_orders(T, generator=generator, device=G.device, batch=tuple(G.shape[:-2]))
+    if solve is None or G.dim() > 2:
+        w = pcgrad_coefficients(G, orders).sum(dim=-2)
+    else:
+        w = solve(G, orders)
     return to_reduction(w, reduction)
 
 
@@ -99,8 +129,8 @@ def _two_tasks(G: torch.Tensor) -> torch.Tensor:
     # puts −G_01/G_ii on g_i, so w_i = 1 − G_01/G_ii.
     # (G_ii = 0 means g_i = 0, so G_01 = 0 too: the division's NaN there is never selected.)
     G = G.detach().to(torch.float64)
-    squared_norms = G.diagonal()
-    removed = (G[0, 1] + G[1, 0]).clamp(max=0) / (2 * squared_norms)
+    squared_norms = G.diagonal(dim1=-2, dim2=-1)
+    removed = (G[..., 0, 1] + G[..., 1, 0]).clamp(max=0)[..., None] / (2 * squared_norms)
     return 1.0 - torch.where(squared_norms > 0, removed, 0.0)
 
 

@@ -14,7 +14,15 @@ methods (its diagnostics of ``G``, representation mode, cheap modes, functional 
 
 ``z`` is drawn in float64 from ``generator`` (torch's default generator for the device when ``None``) on
 the generator's device and moved to G's; a generator on G's device avoids a copy. The same generator
-state gives the same weights. Earlier versions of LibMTL also drew from uniform, Dirichlet and
+state gives the same weights.
+
+**Batches.** ``G`` of shape ``(..., T, T)`` gives ``w`` of shape ``(..., T)``, one independent draw per entry,
+all drawn in one call, ``torch.randn((..., T))`` (the unbatched call is the batch ``()``): the same generator
+state gives the same weights, and the batch ``(1,)`` draws what the unbatched call draws. Entry ``b`` is
+*not* in general what the ``b``-th of ``B`` consecutive unbatched calls would draw: torch's CPU normal
+sampler fills a tensor of 16 values or more with a vectorised Box–Muller transform that pairs draws
+differently (and CUDA's counter-based Philox offsets each call), so matching consecutive calls would need
+one call per entry. Earlier versions of LibMTL also drew from uniform, Dirichlet and
 Bernoulli distributions; they are not offered here.
 """
 
@@ -35,17 +43,18 @@ BIBTEX = """@article{lin2022reasonable,
 
 
 def rlw_weights(G: torch.Tensor, *, generator: torch.Generator | None = None, reduction: str = "sum") -> torch.Tensor:
-    """Weights ``w = T·softmax(z)``, ``z ~ N(0, I)`` from ``generator`` (float64, on G's device)."""
+    """Weights ``w = T·softmax(z)``, ``z ~ N(0, I)`` from ``generator`` (float64, on G's device); for a batch
+    ``G`` of shape ``(..., T, T)``, ``w`` is ``(..., T)`` from one draw of ``z`` of that shape."""
     check_gram(G)
     check_reduction(reduction)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    T = G.shape[0]
+    T = G.shape[-1]
     source = generator.device if generator is not None else G.device
-    z = torch.randn(T, generator=generator, dtype=torch.float64, device=source)
+    z = torch.randn(*G.shape[:-2], T, generator=generator, dtype=torch.float64, device=source)
     if source != G.device:
         z = z.to(G.device)
-    weights = torch.softmax(z, dim=0)
+    weights = torch.softmax(z, dim=-1)
     return weights.mul_(float(T)) if reduction == "sum" else weights
 
 

@@ -66,7 +66,7 @@ class Objective:
     objective: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     init: Callable[[int, torch.device], dict[str, torch.Tensor]] = lambda T, device: {}
     learnable: Callable[[int, torch.device], dict[str, torch.Tensor]] | None = None
-    positive: bool = False
+    positive: bool | Callable[[Mapping[str, Any]], bool] = False  # (of the options, when they decide)
 
 
 @dataclass(frozen=True)

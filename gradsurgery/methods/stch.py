@@ -25,9 +25,7 @@ Uniform preferences (the paper's ``λ_t``, here 1) are the only ones offered.
   (``STCH_warmup_epoch = 4``: four epochs of ``Σ log L``, then a fifth whose mean loss is the nadir,
   STCH from the sixth) and adds ``1e-20`` inside each logarithm; here the warm-up counts ``backward()``
   calls and every warm-up call enters the nadir: ``warmup = 5 * len(loader)`` approximates it. With
-  ``warmup > 0`` the losses must be positive: a loss ≤ 0 makes the objective non-finite, which the
-  ``nonfinite`` policy handles (it is not refused by name, as it is for the methods that always take
-  logarithms).
+  ``warmup > 0`` the objective takes logarithms: a loss ≤ 0 is refused, naming the task.
 
 TorchJD's ``STCH(mu, weights, reference)`` is the scalarization on the values as given, with the
 preferences ``1/T`` inside the exponent (``μ·log Σ exp((L − z*)/(T·μ))``: ours with ``μ' = T·μ``,
@@ -43,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .spec import Method, Objective, Option, State, finite_number, one_of
+from .spec import Method, Objective, Option, finite_number, one_of
 
 BIBTEX = """@inproceedings{lin2024smooth,
   title     = {Smooth {Tchebycheff} Scalarization for Multi-Objective Optimization},
@@ -104,7 +102,5 @@ METHOD = Method(
         Option("ideal", "zero", one_of("ideal", IDEALS), "ideal point: 0, or each task's running minimum"),
         Option("warmup", 0, _non_negative_int, "backward() calls of Σ log L whose mean loss is the nadir (0: none)"),
     ),
-    # The wrapper saves and checks a method's state through Method.state; the objective's is the same.
-    state=State(init=stch_state, doc="the calls so far, the sum of the warm-up losses, the running minimum"),
-    loss=Objective(objective=stch_objective, init=stch_state),
+    loss=Objective(objective=stch_objective, init=stch_state, positive=lambda options: options["warmup"] > 0),
 )
