@@ -20,6 +20,7 @@ __all__ = [
     "GradSurgery",
     "MethodWrapper",
     "NonFiniteGradientError",
+    "backward",
     "REGISTRY",
     "bibtex",
     "cite",

@@ -645,7 +645,7 @@ def _options(call: BackwardCall, sync: DistributedSync) -> dict[str, Any]:
 def _generator_hash(generator: torch.Generator | None) -> int:
     if generator is None:
         return 0
-    return int.from_bytes(hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=7).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(bytes(generator.get_state().tolist()), digest_size=7).digest(), "little")
 
 
 def _details(call: BackwardCall, local: _Local | None, name: str, sync: DistributedSync) -> str:

@@ -11,13 +11,12 @@ and the mixed-precision ``GradScaler`` (see :mod:`gradsurgery.integrations.accel
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .optim import GradSurgery
-from .prepare import Losses, check_losses
+from .prepare import Losses, check_losses, outside_autocast
 
 __all__ = ["backward", "outside_autocast", "unwrap"]
 
@@ -89,19 +88,3 @@ def backward(
         wrapper.backward(losses, features=features, scaler=scaler)
 
 
-@contextlib.contextmanager
-def outside_autocast(losses: Losses) -> Iterator[None]:
-    """Autocast switched off on the losses' device for the wrapper's backward.
-
-    Frameworks call the backward inside the forward's autocast region (Lightning runs the whole
-    ``training_step`` in it), where the wrapper's Gram matrix and combine — matrix products — would
-    run in fp16/bf16 (a Gram of 45.0 for 44.97 in bf16). PyTorch's advice is to leave the region
-    before the backward: backward ops run in the dtype their forward chose either way, so this changes
-    only the wrapper's own arithmetic, back to what a backward outside the region does.
-    """
-    device = check_losses(losses)[0].device.type
-    if not torch.is_autocast_enabled(device):
-        yield
-        return
-    with torch.autocast(device, enabled=False):
-        yield

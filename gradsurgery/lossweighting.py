@@ -22,7 +22,7 @@ from .errors import NonFiniteGradientError
 from .grads import accumulate_plain, grad_norms
 from .methods.spec import Objective
 from .optim import MethodWrapper, state_tasks
-from .prepare import Losses, all_params, check_losses, check_real
+from .prepare import Losses, all_params, check_losses, check_real, outside_autocast
 
 
 # Options of the gradient methods that mean nothing without per-task gradients.
@@ -74,6 +74,10 @@ class LossWeightingWrapper(MethodWrapper):
         With mixed precision pass the unscaled losses and ``scaler=`` (a ``torch.amp.GradScaler``): the
         objective of the losses, not of scaled ones, is scaled (an objective like ``Σ log L_t`` or
         ``Σ exp(−s_t)·L_t + s_t`` is not homogeneous in the losses)."""
+        with outside_autocast(losses):
+            self._backward_objective(losses, features, scaler)
+
+    def _backward_objective(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if features is not None:
             raise ValueError(f"{self.method.name} weights the losses, not gradients: it takes no features=")
         loss = self._objective()

@@ -33,6 +33,7 @@ from .prepare import (
     check_real,
     check_shared,
     nonfinite_tasks,
+    outside_autocast,
     per_task,
     prepare,
     rescue_gram,
@@ -331,7 +332,15 @@ class GradSurgery(torch.optim.Optimizer):
 
         ``scaler``: a ``torch.amp.GradScaler`` that scales the losses (the same as passing
         ``scaler.scale(losses)``: the methods are positively homogeneous).
+
+        Called inside an autocast region (as frameworks do), the wrapper leaves it for its own
+        arithmetic: the Gram matrix and the combine run in the gradients' precision, as a backward
+        outside the region would.
         """
+        with outside_autocast(losses):
+            self._backward(losses, features, scaler)
+
+    def _backward(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if scaler is not None:
             losses = scaler.scale(torch.stack([loss.reshape(()) for loss in check_losses(losses)]))
         if self._dist is not None:
@@ -450,7 +459,7 @@ class GradSurgery(torch.optim.Optimizer):
         cheap.weights = saved["weights"]
         cheap.owners = {id(params[i]): t for i, t in saved["owners"].items()}
         if cheap.generator is not None and saved["generator"] is not None:
-            cheap.generator.set_state(saved["generator"])
+            cheap.generator.set_state(saved["generator"].cpu())
 
     def _prepare(self, losses: Losses, features: torch.Tensor | None, *, write_early: bool) -> Prepared:
         return prepare(
@@ -712,7 +721,7 @@ class MethodWrapper(GradSurgery):
     def _load_method_state(self, state: dict[str, Any]) -> None:
         if self.method.random and "generator" in state:
             self._outcome.seed = state["seed"]
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(state["generator"].cpu())  # a framework may have moved it to the device
         if self.method.state is not None and "state" in state:
             saved = state["state"]
             device = self.generator.device if self.method.random else None

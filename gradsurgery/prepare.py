@@ -8,6 +8,7 @@ which prepares on every rank before the ranks agree.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -517,3 +518,21 @@ def _walk(roots: list[torch.Tensor], stop: object = None) -> Iterator[object]:
         yield node
         if node is not stop:
             stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
+@contextlib.contextmanager
+def outside_autocast(losses: Losses) -> Iterator[None]:
+    """Autocast switched off on the losses' device for the wrapper's backward.
+
+    Frameworks call the backward inside the forward's autocast region (Lightning runs the whole
+    ``training_step`` in it), where the wrapper's Gram matrix and combine — matrix products — would
+    run in fp16/bf16 (a Gram of 45.0 for 44.97 in bf16). PyTorch's advice is to leave the region
+    before the backward: backward ops run in the dtype their forward chose either way, so this changes
+    only the wrapper's own arithmetic, back to what a backward outside the region does.
+    """
+    device = check_losses(losses)[0].device.type
+    if not torch.is_autocast_enabled(device):
+        yield
+        return
+    with torch.autocast(device, enabled=False):
+        yield

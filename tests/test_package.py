@@ -119,6 +119,7 @@ def test_the_library_needs_no_numpy(tmp_path: Path) -> None:
         "import torch, gradsurgery as gs\n"
         "m = torch.nn.Linear(3, 2); opt = gs.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), seed=0)\n"
         "out = m(torch.randn(4, 3)); opt.backward([out[:, 0].mean(), out[:, 1].pow(2).mean()]); opt.step()\n"
+        "from gradsurgery.distributed import _generator_hash; _generator_hash(opt.generator)\n"
         "print(sorted(opt.diagnostics(flat=True))[:2])"
     )
     assert _python(code, tmp_path) == "['conflicts', 'cos/0-1']"

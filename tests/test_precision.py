@@ -113,3 +113,22 @@ def test_checkpoint_resumed_in_a_fresh_process_is_bit_identical(name: str, tmp_p
         return result.stdout.strip()
 
     assert run("save") == run("resume")
+
+
+def test_backward_inside_an_autocast_region_keeps_the_gram_in_the_gradients_precision() -> None:
+    """Frameworks call backward inside the forward's autocast region: the wrapper leaves it, so its
+    Gram matrix is the fp32 one, as outside the region."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(8, 8)
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+    x = torch.randn(32, 8) * 3
+    grams = []
+    for region in (False, True):
+        opt = gs.MGDA(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1))
+        z = torch.tanh(trunk(x))
+        losses = [head(z).pow(2).mean() for head in heads]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+            opt.backward(losses)
+        grams.append(opt.last_gram)
+    assert grams[1].dtype == torch.float32
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-6, atol=1e-7)
