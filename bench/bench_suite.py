@@ -13,6 +13,7 @@ fresh process (``bench.suite.measure``). Every target of the issues is checked a
     python -m bench.bench_suite            # ~9 minutes on 1 thread; records, writes the tables and the plot
     python -m bench.bench_suite --quick    # a smoke run (~1 min) into /tmp/gradsurgery-bench-suite/
     python -m bench.bench_suite --report   # rewrite suite.md and the plot from the last recorded run
+    python -m bench.bench_suite --report --run 20261201T011935Z   # ... from that recorded run
     python -m bench.bench_suite --profile gs-pcgrad-loop --model mlp --T 8   # where one variant's time goes
 
 Rows are appended to ``bench/results/suite.jsonl``; ``bench/results/suite.md`` (the tables; the notes
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report", action="store_true", help="re-render suite.md and the plot from the last recorded run"
     )
+    parser.add_argument("--run", default=None, help="with --report: that complete run (its id) instead of the last")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     out = out_dir / "suite.jsonl"
     command = "python -m bench.bench_suite" + (" --quick" if args.quick else "")
     if args.report:
-        rows, mems, tiny, wall = load_last_run(out)
+        rows, mems, tiny, wall = load_last_run(out, args.run)
         render(rows, mems, tiny, targets(rows, mems, tiny), out_dir=out_dir, command=command, wall_s=wall)
         return
     started = time.perf_counter()

@@ -289,16 +289,17 @@ def markdown(
     return "\n".join(parts)
 
 
-def load_last_run(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, float]:
-    """The time, memory and tiny rows of the last complete run in ``path`` (one that ended with its targets row)."""
-
+def load_last_run(
+    path: Path, run_id: str | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, float]:
+    """The time, memory and tiny rows of the last complete run in ``path`` (one that ended with its
+    targets row), or of the complete run ``run_id``."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    ends = [i for i, r in enumerate(records) if r.get("kind") == "targets"]
+    ends = [i for i, r in enumerate(records) if r.get("kind") == "targets" and run_id in (None, r.get("run"))]
     if not ends:
-        raise SystemExit(f"no complete run in {path}")
+        raise SystemExit(f"no complete run{'' if run_id is None else ' ' + run_id} in {path}")
     last = ends[-1]
-    begin = ends[-2] + 1 if len(ends) > 1 else 0
-    run = [r for r in records[begin:last] if r.get("run") == records[last].get("run")]
+    run = [r for r in records[:last] if r.get("run") == records[last].get("run")]
     rows = [r for r in run if r["kind"] == "time"]
     mems = [r for r in run if r["kind"] == "memory"]
     tiny = next((r for r in run if r["kind"] == "tiny"), None)
