@@ -25,6 +25,7 @@ def profile(spec: Spec, kind: str) -> None:
         "gram (G = J Jᵀ)": ("backend.py", "gram"),
         "weights (the method on G)": ("optim.py", "weights"),
         "combine (wᵀJ → .grad)": ("backend.py", "combine"),
+        "elementwise combine (GradDrop's torch reference)": ("graddrop.py", "graddrop_reference"),
         "nonfinite_tasks (the non-finite check)": ("prepare.py", "nonfinite_tasks"),
         "accumulate_plain (heads)": ("grads.py", "accumulate_plain"),
         "inner optimizer step": ("sgd.py", "step"),
