@@ -342,7 +342,7 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _backward(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if scaler is not None:
-            losses = scaler.scale(torch.stack([loss.reshape(()) for loss in check_losses(losses)]))
+            losses = _scaled(losses, scaler)
         if self._dist is not None:
             return self._dist.backward(self._call(losses, features))
         cheap = self._cheap
@@ -726,6 +726,16 @@ class MethodWrapper(GradSurgery):
             saved = state["state"]
             device = self.generator.device if self.method.random else None
             self._outcome.method_state = None if saved is None else {k: v.to(device) if device else v.clone() for k, v in saved.items()}
+
+
+def _scaled(losses: Losses, scaler: Any) -> Losses:
+    """The losses scaled by a ``GradScaler``; bad losses are passed on as they are, to be refused inside
+    ``backward`` (where distributed training reports the error to every rank)."""
+    try:
+        checked = check_losses(losses)
+    except (TypeError, ValueError):
+        return losses
+    return scaler.scale(torch.stack([loss.reshape(()) for loss in checked]))
 
 
 def state_tasks(state: dict[str, torch.Tensor]) -> int:

@@ -140,6 +140,7 @@ def task_gradients_of(
             early = layout.buffer
         else:
             provisional = _layout_before_backward(losses, params, layout)
+            layout.buffer = None  # the old layout's buffer goes before the new one is allocated
             if provisional:
                 early = SharedBuffer(provisional, T, storage_dtype=options.storage_dtype)
     # A first-step buffer narrower than its parameters cannot give back a fused head's exact
@@ -173,7 +174,7 @@ def task_gradients_of(
     # The owners' other tasks contribute zeros, checked on this step, or unchecked (propagate): then
     # they are summed like any task-specific gradient, so nothing is ever dropped.
     specific_reach = reached if options.nonfinite != "propagate" else structural
-    buffer = _buffer_for(sharing, params, T, layout, options)
+    buffer = _buffer_for(sharing, params, T, layout, options, early)
     rows_written = early is not None and buffer is not None
     recomputed: dict[tuple[int, int], torch.Tensor] = {}
     if early is not None and early is not buffer:  # the first step's layout was not the final one
@@ -205,13 +206,22 @@ def task_gradients_of(
 
 
 def _buffer_for(
-    sharing: Sharing, params: list[torch.Tensor], num_tasks: int, layout: Layout, options: GradOptions
+    sharing: Sharing,
+    params: list[torch.Tensor],
+    num_tasks: int,
+    layout: Layout,
+    options: GradOptions,
+    early: SharedBuffer | None,
 ) -> SharedBuffer | None:
-    """The buffer of the shared parameters: the current one while the shared set and ``T`` stay."""
+    """The buffer of the shared parameters: the current one while the shared set and ``T`` stay, or the
+    first step's when it holds exactly the shared set (no second buffer at the first step)."""
     buffer = layout.buffer
     if sharing is layout.sharing and buffer is not None and buffer.num_tasks == num_tasks:
         return buffer
     shared = [p for p in params if id(p) in sharing.shared]
+    if early is not None and early.num_tasks == num_tasks and early.param_ids == frozenset(id(p) for p in shared):
+        layout.buffer = early
+        return early
     return layout.ensure_buffer(shared, num_tasks, options.storage_dtype) if shared else None
 
 
@@ -530,8 +540,11 @@ def outside_autocast(losses: Losses) -> Iterator[None]:
     before the backward: backward ops run in the dtype their forward chose either way, so this changes
     only the wrapper's own arithmetic, back to what a backward outside the region does.
     """
-    device = check_losses(losses)[0].device.type
-    if not torch.is_autocast_enabled(device):
+    # No check here: bad losses are refused inside backward, where distributed training reports the
+    # error to every rank; this only needs a device, when there is one.
+    first = losses if isinstance(losses, torch.Tensor) else next(iter(losses), None) if isinstance(losses, (list, tuple)) else None
+    device = first.device.type if isinstance(first, torch.Tensor) else None
+    if device is None or not torch.is_autocast_enabled(device):
         yield
         return
     with torch.autocast(device, enabled=False):
