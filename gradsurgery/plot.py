@@ -87,7 +87,8 @@ def plot_conflict_history(
     Args:
         history: one diagnostics dict per logged step, as returned by
             :func:`gradsurgery.diagnostics.to_floats` (or ``gram_diagnostics``); each needs
-            ``"conflicts"`` and ``"weights"``.
+            ``"conflicts"`` and ``"norms"``, and ``"weights"`` when the method has weights (GradDrop
+            has none: only the conflict rate is drawn).
         ax: where to draw; the weights go on a twin y-axis on the right.
         steps: the training step of each entry (default ``0, 1, …``).
         window: entries averaged in the conflict rate, the fraction of task pairs ``i < j`` whose
@@ -101,8 +102,9 @@ def plot_conflict_history(
     xs = list(steps) if steps is not None else list(range(len(history)))
     if len(xs) != len(history):
         raise ValueError(f"steps has {len(xs)} entries but history has {len(history)}")
-    weights = [[float(w) for w in _as_nested_floats(entry["weights"])] for entry in history]
-    T = len(weights[0])
+    has_weights = all("weights" in entry for entry in history)
+    weights = [[float(w) for w in _as_nested_floats(entry["weights"])] for entry in history] if has_weights else []
+    T = len(weights[0]) if has_weights else len(_as_nested_floats(history[0]["norms"]))
     pairs = max(T * (T - 1) // 2, 1)
     rate = [float(_as_nested_floats(entry["conflicts"])) / pairs for entry in history]
     if ax is None:
@@ -111,10 +113,12 @@ def plot_conflict_history(
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
     ax.set_ylabel(f"conflict rate ({window}-entry mean)")
-    twin = ax.twinx()
-    for t in range(T):
-        twin.plot(xs, [w[t] for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
-    twin.set_ylabel("task weight")
-    lines = ax.get_lines() + twin.get_lines()
+    lines = list(ax.get_lines())
+    if has_weights:
+        twin = ax.twinx()
+        for t in range(T):
+            twin.plot(xs, [w[t] for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
+        twin.set_ylabel("task weight")
+        lines += twin.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=7)
     return ax

@@ -201,3 +201,20 @@ def test_pc_backward_is_backward() -> None:
     opt = gs.PCGrad(torch.optim.SGD([trunk], lr=0.1), seed=0)
     opt.pc_backward([(trunk**2).sum(), (trunk - 1).sum()])
     assert trunk.grad is not None and gs.PCGrad.pc_backward is gs.GradSurgery.backward
+
+
+def test_conflict_history_of_a_method_without_weights() -> None:
+    """GradDrop's diagnostics have no weights: the conflict rate alone is drawn."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from gradsurgery.plot import plot_conflict_history
+
+    history = []
+    for a in (0.1, 2.0):
+        entry = to_floats(_diag_of([[1.0, 0.0], [math.cos(a), math.sin(a)]]))
+        entry.pop("weights")
+        history.append(entry)
+    ax = Figure().subplots()
+    assert plot_conflict_history(history, ax, window=1) is ax
+    assert list(ax.get_lines()[0].get_ydata()) == [0.0, 1.0] and len(ax.get_lines()) == 1
