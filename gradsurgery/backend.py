@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from . import kernels
+from .kernels.blocks import BlockLayout, combine_blocks_reference, gram_blocks_reference
 from .kernels.combine import combine_reference_unchecked
 
 BACKENDS = ("auto", "torch", "triton")
@@ -152,3 +153,59 @@ def combine_wide(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor, *, accumul
             part += out[..., start : start + step].to(torch.float64)
         out[..., start : start + step].copy_(part)
     return out
+
+
+def gram_blocks(J: torch.Tensor, layout: BlockLayout, *, backend: str = "auto", rescue: bool = False) -> torch.Tensor:
+    """``(B, T, T)``: each block's Gram matrix, from one pass over ``J`` (see :mod:`gradsurgery.kernels.blocks`).
+    ``rescue`` as in :func:`gram`, block by block (one host sync)."""
+    if resolve(backend, J) == "triton":
+        from .kernels.blocks import gram_blocks as triton_gram_blocks
+
+        G = triton_gram_blocks(J, layout.gram_plan(J.device))
+    else:
+        G = gram_blocks_reference(J, layout.blocks)
+    if not rescue or J.dtype == torch.float64:
+        return G
+    return rescued_blocks(J, G, layout)[0]
+
+
+def rescued_blocks(J: torch.Tensor, G: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, bool]:
+    """:func:`rescued` for per-block Gram matrices: when a block's squared norms left fp32's range,
+    every block is recomputed from scaled rows in fp64 (the rare path)."""
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    low = _UNDERFLOW if J.dtype != torch.float64 else -math.inf
+    if bool(diag.clamp(low, torch.finfo(diag.dtype).max / 4).eq(diag).all()):
+        return G, True
+    if J.dtype == torch.float64:
+        return G, False
+    blocks = [torch.cat([J[:, a:b] for a, b in spans], dim=1) if spans else J[:, :0] for spans in layout.blocks]
+    return torch.stack([rescued(block, G[i])[0].to(torch.float64) for i, block in enumerate(blocks)]), False
+
+
+def combine_blocks(
+    W: torch.Tensor,
+    J: torch.Tensor,
+    out: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    lo: int = 0,
+    accumulate: bool = False,
+    backend: str = "auto",
+    wide: bool = False,
+) -> torch.Tensor:
+    """``out (+)= W[b]ᵀ J`` on the columns of each block ``b`` inside ``[lo, lo + J.shape[1])`` (``J`` and
+    ``out`` hold those columns); fp64 with ``wide`` (see :func:`combine`)."""
+    if wide:
+        hi = lo + J.shape[1]
+        for b, spans in enumerate(layout.blocks):
+            for start, stop in spans:
+                start, stop = max(start, lo), min(stop, hi)
+                if start < stop:
+                    combine_wide(W[b], J[:, start - lo : stop - lo], out[start - lo : stop - lo], accumulate=accumulate)
+        return out
+    if resolve(backend, J) == "triton":
+        from .kernels.blocks import combine_blocks as triton_combine_blocks
+
+        plan = layout.tile_plan(lo, lo + J.shape[1], J.device, interpreted=J.device.type == "cpu")
+        return triton_combine_blocks(W, J, out, plan, accumulate=accumulate)
+    return combine_blocks_reference(W, J, out, layout.blocks, lo=lo, accumulate=accumulate)

@@ -98,7 +98,7 @@ def pseudo_losses(losses: list[torch.Tensor], drawn: Draw) -> list[torch.Tensor]
 def mean_rows(G: torch.Tensor, drawn: Draw) -> torch.Tensor:
     """The Gram matrix with the last row and column (the sum of the others' gradients) divided by
     their number: the Gram matrix of their mean, which is what chooses the weights."""
-    scale = torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
+    scale = torch.ones(G.shape[-1], dtype=G.dtype, device=G.device)
     scale[-1:].fill_(1.0 / len(drawn.rest))
     return G * scale[:, None] * scale[None, :]
 

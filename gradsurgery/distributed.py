@@ -66,6 +66,7 @@ import torch.distributed as dist
 from . import apply as _apply
 from .errors import NonFiniteGradientError
 from .grads import dense, grad_norms
+from .kernels.blocks import BlockLayout
 from .pipeline import Aggregate, Elementwise, Target, WeightsOf, aggregate
 from .prepare import FeatureGradients, GradOptions, Prepared, PreparedGradients, SpecificGradients, features_extra, through_features
 from .state import Accumulation, Layout
@@ -202,6 +203,7 @@ class _Shard:
     owned: torch.Tensor | None  # (T, width): the reduce-scatter's output
     update: torch.Tensor  # (width,): this rank's part of the update
     gathered: torch.Tensor  # (N·width,): the all-gathered update
+    blocks: BlockLayout | None = None  # granularity=: the blocks within this rank's columns
 
 
 class DistributedSync:
@@ -444,6 +446,7 @@ class DistributedSync:
                     rescue=rescue,
                     elementwise=call.elementwise,
                     plain=_apply.plain_spans(buffer, call.accumulation),
+                    blocks=buffer.blocks,
                 )
                 if self.sync == "local":
                     more, sums = self._mean_bucketed(sums)
@@ -477,6 +480,7 @@ class DistributedSync:
                 torch.empty(T, width, dtype=buffer.matrix.dtype, device=device) if native else None,
                 torch.zeros(width, dtype=out_dtype, device=device),
                 torch.empty(self.world * width, dtype=out_dtype, device=device),
+                None if buffer.blocks is None else buffer.blocks.clipped(start, stop),
             )
             self._shard_key = key
         return self._shard
@@ -519,6 +523,7 @@ class DistributedSync:
             reduce_gram=reduce_gram,
             elementwise=call.elementwise,
             plain=_apply.plain_spans(buffer, call.accumulation, shard.start, shard.stop),
+            blocks=shard.blocks,
         )
         self._all_gather(shard.gathered, shard.update).wait()
         for target in _apply.targets(buffer):

@@ -41,6 +41,7 @@ from .prepare import (
     through_features,
 )
 from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_rows, pseudo_losses
+from .granularity import Granularity
 from .state import Accumulation, Layout, Outcome
 from .taskgrads import ENGINES, SharedBuffer, reach
 
@@ -98,7 +99,11 @@ class GradSurgery(torch.optim.Optimizer):
       answer, less communication); see :mod:`gradsurgery.distributed`;
     - ``every``: the weights are computed every ``every`` steps, one weighted backward in between;
     - ``tasks_per_step``: ``k − 1`` drawn tasks and the mean of the others per step (``k`` backward
-      passes); see :mod:`gradsurgery.cheap` for both.
+      passes); see :mod:`gradsurgery.cheap` for both;
+    - ``granularity``: ``"all"`` (default: one Gram matrix for the whole model), ``"parameter"``,
+      ``"module"`` (the layers of ``shared=``), a module, or a list of parameter groups: the method
+      runs on each block separately, from the same two passes (:mod:`gradsurgery.granularity`);
+      ``last_gram`` is then ``(B, T, T)`` and ``last_weights`` ``(B, T)``.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class GradSurgery(torch.optim.Optimizer):
         sync: str = "exact",
         every: int = 1,
         tasks_per_step: int | None = None,
+        granularity: Any = "all",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
@@ -154,7 +160,14 @@ class GradSurgery(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
         explicit = None if shared is None else check_shared(shared, params)
-        self._layout = Layout(explicit, engine)
+        blocks = Granularity(granularity, params, shared)
+        if not blocks.whole and every > 1:
+            raise ValueError(
+                "granularity= gives each block its own weights, which one weighted backward between refreshes "
+                "cannot apply: every= must be 1 with it"
+            )
+        self.granularity = granularity
+        self._layout = Layout(explicit, engine, None if blocks.whole else blocks)
         self._accumulation = Accumulation()
         self._grad_options = GradOptions(nonfinite, storage_dtype, chunk_size, backend)
         self.every, self.tasks_per_step = every, tasks_per_step
@@ -203,6 +216,20 @@ class GradSurgery(torch.optim.Optimizer):
         (the drawn ones, then the others' pseudo-task); ``None`` otherwise."""
         draw = self._cheap.draw
         return None if draw is None else draw.slots
+
+    @property
+    def blocks(self) -> list[list[int]] | None:
+        """With ``granularity=``: the parameters of each block, as indices into the optimizer's
+        parameters (in ``param_groups`` order), in the order of ``last_gram`` and ``last_weights``."""
+        buffer = self._layout.buffer
+        if buffer is None or buffer.blocks is None:
+            return None
+        index = {id(p): i for i, p in enumerate(all_params(self.optimizer))}
+        out = []
+        for spans in buffer.blocks.blocks:
+            members = [p for p, c in zip(buffer.params, buffer.columns) if any(a <= c.start < b for a, b in spans)]
+            out.append(sorted(index[id(p)] for p in members))
+        return out
 
     @property
     def refreshed(self) -> bool:
@@ -476,9 +503,16 @@ class GradSurgery(torch.optim.Optimizer):
     def _weights_of(self, losses: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
         slots = self._slots
         if slots is None:
-            return lambda G: to_reduction(self.weights(G, losses), self.reduction)
+            return lambda G: to_reduction(self._weights(G, losses), self.reduction)
         # tasks_per_step: the last row is the sum of the others' gradients; their mean chooses the weights
-        return lambda G: to_reduction(self.weights(mean_rows(G, slots), losses), self.reduction)
+        return lambda G: to_reduction(self._weights(mean_rows(G, slots), losses), self.reduction)
+
+    def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`weights` for one Gram matrix, or for each block's (``granularity=``): a method of
+        the registry solves them as one batch; a subclass's ``weights`` is called block by block."""
+        if G.dim() == 2:
+            return self.weights(G, losses)
+        return torch.stack([self.weights(block, losses) for block in G])
 
     def _call(self, losses: Losses, features: torch.Tensor | None) -> _distributed.BackwardCall:
         """This call as torch.distributed sees it: explicit state and callables, no wrapper internals."""
@@ -506,7 +540,7 @@ class GradSurgery(torch.optim.Optimizer):
         in_range = False
         if buffer is not None and not accumulate:
             _apply.write_fresh_rows(grads)
-            G, in_range = rescue_gram(buffer.matrix, self._grad_options)
+            G, in_range = rescue_gram(buffer.matrix, self._grad_options, buffer.blocks)
         if self.nonfinite != "propagate":
             checked = per_task(grads.specific, grads.specific_tasks, prepared.num_tasks)
             if accumulate:
@@ -514,7 +548,8 @@ class GradSurgery(torch.optim.Optimizer):
                     checked[t] += rows.values()
             # The rescue check read G's diagonal back already: when it was in range and nothing else
             # needs checking, a second host sync would find nothing.
-            if (not in_range or any(checked)) and self._refuse_nonfinite(nonfinite_tasks(G, checked), prepared.num_tasks):
+            whole = None if G is None else G if G.dim() == 2 else G.sum(0)
+            if (not in_range or any(checked)) and self._refuse_nonfinite(nonfinite_tasks(whole, checked), prepared.num_tasks):
                 return
         # From here on, .grad changes.
         _apply.open_writes(grads, self._layout, self._accumulation, accumulate=accumulate)
@@ -535,6 +570,7 @@ class GradSurgery(torch.optim.Optimizer):
             rescue=self.nonfinite != "propagate",
             elementwise=self._elementwise(),
             plain=_apply.plain_spans(buffer, self._accumulation),
+            blocks=buffer.blocks,
         )
         _apply.attach(buffer, self._accumulation)
         self._record(result)
@@ -591,7 +627,8 @@ class GradSurgery(torch.optim.Optimizer):
 
         ``flat=True`` returns ``{name: float}`` with stable names — ``norm/<t>``, ``cos/<i>-<j>`` (``i < j``),
         ``weight/<t>``, ``conflicts`` (and ``refreshed`` with ``every=``) — ready for
-        ``SummaryWriter.add_scalars``, Lightning's ``log_dict`` or any dict-logging tracker.
+        ``SummaryWriter.add_scalars``, Lightning's ``log_dict`` or any dict-logging tracker. With
+        ``granularity=`` there is one report per block (``{"blocks": [...]}``; flat: ``block/<b>/...``).
 
         This reads tensors back to the host: call it when logging, not on every step of a fast loop.
         """
@@ -604,7 +641,13 @@ class GradSurgery(torch.optim.Optimizer):
             raise RuntimeError("diagnostics() needs a backward() first")
         from .diagnostics import flatten, gram_diagnostics, to_floats
 
-        report = to_floats(gram_diagnostics(self.last_gram, self.last_weights))
+        G, w = self.last_gram, self.last_weights
+        if G.dim() == 3:  # granularity=: one report per block, in the order of opt.blocks
+            reports = [to_floats(gram_diagnostics(G[b], None if w is None else w[b])) for b in range(G.shape[0])]
+            if not flat:
+                return {"blocks": reports}
+            return {f"block/{b}/{name}": value for b, report in enumerate(reports) for name, value in flatten(report).items()}
+        report = to_floats(gram_diagnostics(G, w))
         if self.every > 1:
             report["refreshed"] = self.refreshed
         return flatten(report) if flat else report
@@ -670,6 +713,9 @@ class MethodWrapper(GradSurgery):
     def uses_loss_values(self) -> bool:  # type: ignore[override]
         return self.method.uses_losses(self.options)
 
+    def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        return self.weights(G, losses)  # the registry's methods take a batch of Gram matrices
+
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         method = self.method
         extra: dict[str, Any] = {}
@@ -681,10 +727,12 @@ class MethodWrapper(GradSurgery):
             extra["solve"] = _backend.solvers(self.backend, G).get(method.solve)
         if method.state is None:
             return method.weights(G, reduction="sum", **self.options, **extra)
-        T = G.shape[0]
+        T = G.shape[-1]
         outcome = self._outcome
-        if outcome.method_state is None or state_tasks(outcome.method_state) != T:
-            outcome.method_state = method.state.init(T, G.device)
+        batch = G.shape[:-2]
+        state = outcome.method_state
+        if state is None or state_tasks(state) != T or next(iter(state.values())).shape[: len(batch)] != batch:
+            outcome.method_state = {k: v.expand(*batch, *v.shape).clone() for k, v in method.state.init(T, G.device).items()}
         w, outcome.method_state = method.weights(G, reduction="sum", **self.options, **extra, state=outcome.method_state)
         return w
 

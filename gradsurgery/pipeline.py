@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import backend as _backend
+from .kernels.blocks import BlockLayout
 
 WeightsOf = Callable[[torch.Tensor], torch.Tensor]
 # An elementwise method (GradDrop): writes its update of the columns J into out, in one pass.
@@ -49,6 +50,7 @@ def aggregate(
     reduce_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
     elementwise: Elementwise | None = None,
     plain: list[PlainSpan] = (),  # type: ignore[assignment]
+    blocks: BlockLayout | None = None,
 ) -> Aggregate:
     """``out = base + wᵀJ[:, columns]`` for each target, ``w = weights_of(G)`` and ``G = J Jᵀ``.
 
@@ -61,16 +63,23 @@ def aggregate(
     ``plain``: columns that a single task reaches. They are not shared on this step, so they take no
     part in the surgery: their squared norms leave that task's diagonal entry of ``G`` (their other
     rows are zero, so nothing else changes) and their update is that task's row, as is.
+
+    ``blocks``: the method runs on each block of columns separately (``granularity=``): ``G`` is
+    ``(B, T, T)``, one Gram matrix per block from the same pass over ``J``, ``weights_of`` returns
+    ``(B, T)`` and each block's columns are combined with its own row.
     """
     if G is None:
-        G = _backend.gram(J, backend=backend)
-        if rescue:
-            G = _backend.rescued(J, G)[0]
+        if blocks is not None:
+            G = _backend.gram_blocks(J, blocks, backend=backend, rescue=rescue)
+        else:
+            G = _backend.gram(J, backend=backend)
+            if rescue:
+                G = _backend.rescued(J, G)[0]
     wide = G.dtype == torch.float64 and J.dtype != torch.float64
     if plain:
         G = G.clone()
-        diagonal = G.diagonal()
         for span in plain:
+            diagonal = (G if blocks is None else G[_block_of(blocks, span.columns.start)]).diagonal()
             diagonal[span.task] -= torch.linalg.vector_norm(J[span.task, span.columns], dtype=G.dtype) ** 2
     if reduce_gram is not None:
         G = reduce_gram(G)
@@ -86,12 +95,24 @@ def aggregate(
         for target in targets:
             if target.base is not None:
                 target.out.copy_(target.base)
-            _backend.combine(
-                w, J[:, target.columns], target.out, accumulate=target.base is not None, backend=backend, validate=False, wide=wide
-            )
+            accumulate = target.base is not None
+            if blocks is not None:
+                lo = target.columns.start or 0
+                _backend.combine_blocks(
+                    w, J[:, target.columns], target.out, blocks, lo=lo, accumulate=accumulate, backend=backend, wide=wide
+                )
+            else:
+                _backend.combine(w, J[:, target.columns], target.out, accumulate=accumulate, backend=backend, validate=False, wide=wide)
     for span in plain:
         _keep_row(J, targets, span)
     return Aggregate(G, w)
+
+
+def _block_of(blocks: BlockLayout, column: int) -> int:
+    for b, spans in enumerate(blocks.blocks):
+        if any(start <= column < stop for start, stop in spans):
+            return b
+    raise ValueError(f"column {column} is in no block")
 
 
 def _keep_row(J: torch.Tensor, targets: list[Target], span: PlainSpan) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from . import backend as _backend
 from .grads import grad_norms
+from .kernels.blocks import BlockLayout
 from .pipeline import Aggregate
 from .sharing import Sharing, classify
 from .state import Accumulation, Layout
@@ -175,6 +176,8 @@ def task_gradients_of(
     # they are summed like any task-specific gradient, so nothing is ever dropped.
     specific_reach = reached if options.nonfinite != "propagate" else structural
     buffer = _buffer_for(sharing, params, T, layout, options, early)
+    if buffer is not None and buffer.blocks is None and layout.granularity is not None:
+        buffer.blocks = BlockLayout(layout.granularity.blocks(buffer.params, buffer.columns))
     rows_written = early is not None and buffer is not None
     recomputed: dict[tuple[int, int], torch.Tensor] = {}
     if early is not None and early is not buffer:  # the first step's layout was not the final one
@@ -500,9 +503,13 @@ def per_task(specific: SpecificGradients, tasks: list[list[int]], num_tasks: int
     return out
 
 
-def rescue_gram(J: torch.Tensor, options: GradOptions) -> tuple[torch.Tensor, bool]:
-    """The Gram matrix of ``J`` and whether it was in range (the rescue's check reads its diagonal
-    back; with ``nonfinite="propagate"``, which never synchronises, it is not checked: ``False``)."""
+def rescue_gram(J: torch.Tensor, options: GradOptions, blocks: BlockLayout | None = None) -> tuple[torch.Tensor, bool]:
+    """The Gram matrix of ``J`` (``(B, T, T)`` with ``blocks``) and whether it was in range (the rescue's
+    check reads its diagonal back; with ``nonfinite="propagate"``, which never synchronises, it is not
+    checked: ``False``)."""
+    if blocks is not None:
+        G = _backend.gram_blocks(J, blocks, backend=options.backend)
+        return (G, False) if options.nonfinite == "propagate" else _backend.rescued_blocks(J, G, blocks)
     G = _backend.gram(J, backend=options.backend)
     if options.nonfinite == "propagate":
         return G, False

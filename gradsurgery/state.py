@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .granularity import Granularity
 from .grads import Written
 from .sharing import Sharing
 from .taskgrads import SharedBuffer
@@ -31,6 +32,7 @@ class Layout:
 
     explicit_shared: set[int] | None  # id of each parameter listed in shared=, or None: detected
     engine: str  # "loop", "batched" or "auto" (which becomes "batched" once vmap ran the graph)
+    granularity: Granularity | None = None  # None: one block, the whole model
     sharing: Sharing | None = None
     buffer: SharedBuffer | None = None
     num_tasks: int | None = None  # T of the last backward, or of a loaded checkpoint

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .grads import dense, grad_strides
+from .kernels.blocks import BlockLayout
 
 ENGINES = ("loop", "batched", "auto")
 
@@ -197,6 +198,7 @@ class SharedBuffer:
         self.groups: list[tuple[slice, torch.Tensor]] = []  # (column range, flat update) per dtype
         self.grad_views: list[torch.Tensor] = []
         self.bases: list[torch.Tensor] | None = None
+        self.blocks: BlockLayout | None = None  # granularity=: the blocks of columns (None: one block)
         self._columns: list[slice] = []
         self._members: list[list[int]] = []  # per group: indices into params
         self._strides = [grad_strides(p) for p in self.params]

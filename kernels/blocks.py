@@ -28,6 +28,36 @@ _INTERPRETED_TILE = 1 << 14
 _TILE = 4096
 
 
+class BlockLayout:
+    """Blocks of columns (each a list of spans ``(start, stop)``) and, made once on first use, the
+    Triton plans that go with them (device tensors: the split ranges, the combine's tiles)."""
+
+    def __init__(self, blocks: Blocks) -> None:
+        self.blocks = [list(spans) for spans in blocks]
+        self._plans: dict[object, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def clipped(self, lo: int, hi: int) -> BlockLayout:
+        """The same blocks restricted to the columns ``[lo, hi)``, shifted to start at 0 (a rank's shard)."""
+        return BlockLayout(
+            [[(max(a, lo) - lo, min(b, hi) - lo) for a, b in spans if max(a, lo) < min(b, hi)] for spans in self.blocks]
+        )
+
+    def gram_plan(self, device: torch.device) -> BlockPlan:
+        key = ("gram", device)
+        if key not in self._plans:
+            self._plans[key] = block_plan(self.blocks, device)
+        return self._plans[key]  # type: ignore[return-value]
+
+    def tile_plan(self, lo: int, hi: int, device: torch.device, *, interpreted: bool) -> TilePlan:
+        key = ("tiles", lo, hi, device, interpreted)
+        if key not in self._plans:
+            self._plans[key] = tile_plan(self.blocks, lo, hi, device, interpreted=interpreted)
+        return self._plans[key]  # type: ignore[return-value]
+
+
 class BlockPlan(NamedTuple):
     """Where each program of ``gram_blocks`` / ``combine_blocks`` works, as device tensors: built once
     per layout (the summation order, hence the bits, depend on it and on nothing else)."""

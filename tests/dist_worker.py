@@ -402,6 +402,8 @@ def suite(rank: int, world: int, out_dir: str, name: str) -> dict[str, Any]:
     record("mixed-dtype/sharded", lambda: train(rank, world, "MGDA", "sharded", model_kw={"pair_dtype": torch.float64}))
     for sync in ("exact", "sharded-native"):
         record(f"routed/{sync}", lambda: train_routed(rank, world, "MGDA", sync))
+    for sync in ("exact", "local", "sharded-native"):
+        record(f"granularity/{sync}", lambda: train(rank, world, "MGDA", sync, granularity="parameter"))
     if name == "full":
         for sync in ("exact", "local"):
             record(f"features/{sync}", lambda: train(rank, world, "MGDA", sync, features=True))

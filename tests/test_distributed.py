@@ -79,10 +79,14 @@ class _Group:
 
 
 @functools.cache
-def _reference(method: str, sync: str, world: int, *, micro: int = 1, features: bool = False, pair64: bool = False):
+def _reference(
+    method: str, sync: str, world: int, *, micro: int = 1, features: bool = False, pair64: bool = False, granularity: str = "all"
+):
     """The single-process reference of a run: ``local``'s own definition, or single-process training on the
     concatenated batch for the others (cached: exact, sharded and sharded-native share it)."""
     kw = {"micro": micro, "features": features, "model_kw": {"pair_dtype": torch.float64} if pair64 else {}}
+    if granularity != "all":
+        kw["granularity"] = granularity
     if sync == "local":
         return W.reference_local(method, world, **kw)
     return W.reference_exact(method, world, **kw)
@@ -192,6 +196,17 @@ def test_sharing_decided_over_all_ranks_on_every_step(groups, world: int, sync: 
     _assert_same_on_every_rank([r["params"] for r in records], f"routed/{sync}")
     expected = W.reference_routed("MGDA", world)
     _assert_params(records[0]["params"], expected, f"routed/{sync} on {world} ranks")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sync", ["exact", "local", "sharded-native"])
+def test_granularity_per_parameter(groups, world: int, sync: str) -> None:
+    """Per-block surgery over ranks: in sharded mode each rank sums its columns' partial Gram matrices
+    per block and the (B, T, T) stack is all-reduced as one tensor."""
+    records = _records(groups, world, f"granularity/{sync}")
+    _assert_same_on_every_rank([r["params"] for r in records], f"granularity/{sync}")
+    expected = _reference("MGDA", _base(sync), world, granularity="parameter")
+    _assert_params(records[0]["params"], expected, f"granularity/{sync} on {world} ranks")
 
 
 @pytest.mark.parametrize("sync", ["exact", "local"])

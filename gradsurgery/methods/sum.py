@@ -15,10 +15,10 @@ from .spec import Method
 
 
 def sum_weights(G: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    """``w = 1`` (``1/T`` with ``reduction="mean"``), float64 on G's device."""
+    """``w = 1`` (``1/T`` with ``reduction="mean"``), float64 on G's device; ``(..., T)`` for a batch."""
     check_gram(G)
     check_reduction(reduction)
-    return to_reduction(torch.ones(G.shape[0], dtype=torch.float64, device=G.device), reduction)
+    return to_reduction(torch.ones(G.shape[:-1], dtype=torch.float64, device=G.device), reduction)
 
 
 METHOD = Method(name="Sum", function=None, weights=sum_weights, doc=__doc__ or "")
