@@ -68,6 +68,7 @@ class LossWeightingWrapper(MethodWrapper):
     def uses_loss_values(self) -> bool:  # type: ignore[override]
         return True
 
+    @torch.compiler.disable
     def backward(self, losses: Losses, *, features: torch.Tensor | None = None, scaler: Any = None) -> None:
         """Backpropagate the method's objective of the losses once; ``.grad`` as that backward gives it.
 

@@ -349,6 +349,7 @@ class GradSurgery(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ backward
 
+    @torch.compiler.disable
     def backward(self, losses: Losses, *, features: torch.Tensor | None = None, scaler: Any = None) -> None:
         """Per-task gradients → surgery → ``.grad`` of every parameter the losses reach.
 
@@ -363,6 +364,10 @@ class GradSurgery(torch.optim.Optimizer):
         Called inside an autocast region (as frameworks do), the wrapper leaves it for its own
         arithmetic: the Gram matrix and the combine run in the gradients' precision, as a backward
         outside the region would.
+
+        Inside a ``torch.compile``d training step it runs eagerly (one graph break): it is ``T`` calls
+        of ``torch.autograd.grad``, which dynamo does not trace, and host-side bookkeeping; the
+        forward before it and the optimizer step after it compile as usual.
         """
         with outside_autocast(losses):
             self._backward(losses, features, scaler)

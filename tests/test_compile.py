@@ -71,3 +71,36 @@ def test_a_backward_compiled_for_one_pass_is_refused_clearly() -> None:
         assert all(p.grad is None for p in other.parameters())
     finally:
         torch._functorch.config.donated_buffer = donated
+
+
+def test_a_compiled_training_step_keeps_the_wrapper_state_and_breaks_the_graph_once_for_backward() -> None:
+    """``torch.compile`` of a whole step (forward, ``opt.backward``, ``opt.step``): the wrapper's backward
+    runs eagerly (``torch.autograd.grad`` per task is not traced), the rest compiles; the state the
+    wrapper keeps (last Gram matrix, weights, diagnostics) is the eager step's."""
+
+    def make() -> tuple[Model, gs.GradSurgery]:
+        torch.manual_seed(2)
+        model = Model()
+        return model, gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def step(model: Model, opt: gs.GradSurgery, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = ((model(x) - y) ** 2).mean(0)
+        opt.zero_grad()
+        opt.backward(losses)
+        opt.step()
+        return losses.detach()
+
+    x, y = _data()
+    model, opt = make()
+    explanation = torch._dynamo.explain(step)(model, opt, x, y)
+    assert explanation.graph_break_count <= 2, [str(b.reason)[:80] for b in explanation.break_reasons]
+    eager_model, eager_opt = make()
+    fast_model, fast_opt = make()
+    fast = torch.compile(step, backend="eager")
+    for _ in range(3):
+        step(eager_model, eager_opt, x, y)
+        fast(fast_model, fast_opt, x, y)
+    for p, q in zip(eager_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast_opt.last_weights, eager_opt.last_weights)
+    assert fast_opt.diagnostics(flat=True).keys() == eager_opt.diagnostics(flat=True).keys()
