@@ -42,7 +42,9 @@ largest entry (the solution is positively homogeneous in ``u``), so both ``G`` a
   the finish may not apply and the interior point's own accuracy stands (≤ 1e-10 measured).
 
 Nothing is read back to the host and no step depends on a tensor's value through Python: a fixed
-number of kernels, whatever the data.
+number of kernels, whatever the data. A batch of problems (``G`` ``(..., T, T)``) is solved in the same
+kernels, each entry (and each right-hand side) with its own steps and its own choice of candidate: an
+entry gets what it would get alone, bit for bit (see the batched linear algebra at the end).
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ _FLOOR = 1e-30
 def project(
     G: torch.Tensor, U: torch.Tensor, *, ridge: float = 0.0, max_iter: int = DEFAULT_ITERATIONS
 ) -> torch.Tensor:
-    """``V`` ``(K, T)`` with ``V[k] = argmin_{v ≥ U[k]} vᵀGv``.
+    """``V`` ``(..., K, T)`` with ``V[..., k, :] = argmin_{v ≥ U[..., k, :]} vᵀGv``.
 
-    ``G``: float64 ``(T, T)`` symmetric positive semi-definite (rounding aside), of any scale (it is scaled
-    to a unit diagonal); ``U``: float64 ``(K, T)``. Exact up to ``MAX_TASKS`` tasks; beyond, the interior
-    point (``max_iter`` iterations) and its exact finish. A non-finite ``G`` or ``U`` gives NaN rows.
+    ``G``: float64 ``(..., T, T)`` (a batch of independent problems, or one), symmetric positive
+    semi-definite (rounding aside), of any scale (it is scaled to a unit diagonal); ``U``: float64
+    ``(..., K, T)``, its batch dimensions broadcast against ``G``'s (a ``(K, T)`` ``U`` is shared by every
+    entry). Exact up to ``MAX_TASKS`` tasks; beyond, the interior point (``max_iter`` iterations) and its
+    exact finish. A non-finite ``G`` or ``U`` gives NaN rows (for its own entry only).
 
     ``ridge = η > 0`` solves ``vᵀ(G + η·diag(G))v`` instead: the projection onto the slightly larger cone
     ``{d : g_tᵀd ≥ −η‖g_t‖²v_t}`` (each gradient given a private orthogonal component of relative length
@@ -88,7 +92,8 @@ def project(
 
 
 def project_two(G: torch.Tensor, u: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
-    """``project`` for two tasks and one right-hand side ``u ≥ 0`` ``(2,)``, in closed form: ``(2,)``.
+    """``project`` for two tasks and one right-hand side ``u ≥ 0`` ``(..., 2)``, in closed form: ``(..., 2)``
+    for ``G`` ``(..., 2, 2)`` (``u`` broadcast against ``G``'s batch).
 
     With ``g = Gu`` (the inner products of ``x = Jᵀu`` with the gradients), at most one ``g_i`` is
     negative (for independent gradients both would make ``‖x‖² = uᵀg < 0``; for dependent ones ``x`` is
@@ -96,64 +101,80 @@ def project_two(G: torch.Tensor, u: torch.Tensor, *, ridge: float = 0.0) -> torc
     ``v = u + e_i·(−g_i/G_ii)``, which leaves the other constraint satisfied (both active would need
     ``d = 0 = Jᵀv``, impossible for independent gradients). ``ridge`` as in ``project``.
     """
+    diagonal = G.diagonal(dim1=-2, dim2=-1)
     if ridge:
-        G = G + torch.diag_embed(G.diagonal() * ridge)
-    g = G @ u
-    v = u - torch.where(g < 0, g / G.diagonal(), 0.0)
-    return torch.where(G.isfinite().all(), v, float("nan"))
+        G = G + torch.diag_embed(diagonal * ridge)
+        diagonal = G.diagonal(dim1=-2, dim2=-1)
+    g = matvec(G, u)
+    v = u - torch.where(g < 0, g / diagonal, 0.0)
+    return torch.where(G.isfinite().all(dim=-1).all(dim=-1, keepdim=True), v, float("nan"))
 
 
 def natural_residual(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
-    """``‖min(μ, g)‖_∞`` per row ``(K,)`` in the scaled problem that ``project`` solves (``μ = D⁻¹(V − U)``,
-    ``g = DGV``, each row divided by ``U``'s largest scaled entry); 0 exactly at the minimisers, and it
-    counts ``μ < 0`` (``V`` below ``U``) as a violation too."""
+    """``‖min(μ, g)‖_∞`` per row ``(..., K)`` in the scaled problem that ``project`` solves
+    (``μ = D⁻¹(V − U)``, ``g = DGV``, each row divided by ``U``'s largest scaled entry); 0 exactly at the
+    minimisers, and it counts ``μ < 0`` (``V`` below ``U``) as a violation too."""
     Gs, scale = _scaled(G, ridge)
+    scale = scale[..., None, :]
     Us = U / scale
-    size = Us.abs().amax(dim=1, keepdim=True)
+    size = Us.abs().amax(dim=-1, keepdim=True)
     size = torch.where(size > 0, size, 1.0)
     mu = (V - U) / (scale * size)
-    return torch.maximum(_residual(Gs, Us / size, mu.clamp_min(0)), (-mu).clamp_min(0).amax(dim=-1))
+    Us = (Us / size).expand_as(mu)
+    residual = _residual(pad_square(Gs), Us, mu.clamp_min(0)[..., None, :, :])[..., 0, :]
+    return torch.maximum(residual, (-mu).clamp_min(0).amax(dim=-1))
 
 
 def _project(G: torch.Tensor, U: torch.Tensor, ridge: float, max_iter: int) -> torch.Tensor:
     Gs, scale = _scaled(G, ridge)
+    scale = scale[..., None, :]  # (..., 1, T), against the rows of U
     Us = U / scale
-    size = Us.abs().amax(dim=1, keepdim=True)
+    size = Us.abs().amax(dim=-1, keepdim=True)
     size = torch.where(size > 0, size, 1.0)
     Us = Us / size
-    if G.shape[0] <= MAX_TASKS:
-        mu = _exact(Gs, Us)
+    Gp = pad_square(Gs)
+    if G.shape[-1] <= MAX_TASKS:
+        mu = _exact(Gp, Us)
     else:
-        mu = _interior_finished(Gs, Us, max_iter)
+        mu = _interior_finished(Gp, Us, max_iter)
     V = torch.addcmul(U, mu, scale * size)
     # A non-finite G or U has no answer: say so with NaN. (Scaled, every entry is at most 1 in magnitude
-    # unless it is not finite, so the sum cannot overflow.)
-    return torch.where((Gs.sum() + Us.sum()).isfinite(), V, float("nan"))
+    # unless it is not finite, so the sums cannot overflow.)
+    finite = (Gs.sum(dim=(-2, -1)) + Us.sum(dim=(-2, -1))).isfinite()
+    return torch.where(finite[..., None, None], V, float("nan"))
 
 
 def _scaled(G: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``DGD + ηI`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal."""
-    diagonal = G.diagonal()
+    """``DGD + ηI`` with ``D = diag(G)^(-1/2)`` (1 for zero rows), and ``D``'s diagonal ``(..., T)``."""
+    diagonal = G.diagonal(dim1=-2, dim2=-1)
     scale = torch.where(diagonal > 0, diagonal.rsqrt(), 1.0)
-    Gs = G * scale[:, None] * scale[None, :]  # not the outer product first: it can overflow
+    Gs = G * scale[..., :, None] * scale[..., None, :]  # not the outer product first: it can overflow
     if ridge:
-        Gs.diagonal().add_(ridge)
+        Gs.diagonal(dim1=-2, dim2=-1).add_(ridge)
     return Gs, scale
 
 
-def _residual(Gs: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Natural residual of each row of ``mu`` (``(..., K, T)``, already ``≥ 0``); NaN ranks last (inf)."""
-    residual = torch.minimum(mu, (Us + mu) @ Gs).abs_().amax(dim=-1)
+def _gradients(Gp: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``(u + μ)ᵀG`` for every candidate ``mu`` ``(..., C, K, T)`` of every right-hand side ``Us`` ``(..., K, T)``:
+    one product per entry, the candidates stacked as rows (``Gp`` is the padded ``G``: see ``times``)."""
+    rows = (Us[..., None, :, :] + mu).flatten(-3, -2)
+    return times(rows, Gp).unflatten(-2, mu.shape[-3:-1])
+
+
+def _residual(Gp: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Natural residual ``(..., C, K)`` of each candidate ``mu`` ``(..., C, K, T)`` (already ``≥ 0``); NaN ranks
+    last (inf)."""
+    residual = torch.minimum(mu, _gradients(Gp, Us, mu)).abs_().amax(dim=-1)
     return residual.nan_to_num_(nan=float("inf"))
 
 
-def _pick(candidates: torch.Tensor, Gs: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
-    """The candidate ``(C, K, T)``, clamped onto ``μ ≥ 0``, with the smallest natural residual, for each
-    right-hand side."""
+def _pick(candidates: torch.Tensor, Gp: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
+    """The candidate ``(..., C, K, T)``, clamped onto ``μ ≥ 0``, with the smallest natural residual, for each
+    right-hand side of each entry: ``(..., K, T)``."""
     candidates = candidates.clamp_min(0)
-    chosen = _residual(Gs, Us, candidates).argmin(dim=0)  # (K,)
-    index = chosen[None, :, None].expand(1, *candidates.shape[1:])
-    return candidates.gather(0, index).squeeze(0)  # a gather: indexing with a tensor would read it back
+    chosen = _residual(Gp, Us, candidates).argmin(dim=-2, keepdim=True)  # (..., 1, K)
+    index = chosen[..., None].expand(*chosen.shape, candidates.shape[-1])
+    return candidates.gather(-3, index).squeeze(-3)  # a gather: indexing with a tensor would read it back
 
 
 # ---------------------------------------------------------------- exact: every free set at once
@@ -162,91 +183,168 @@ def _pick(candidates: torch.Tensor, Gs: torch.Tensor, Us: torch.Tensor) -> torch
 @functools.lru_cache(maxsize=32)
 def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every free set ``F ⊆ {0..T−1}`` (``2^T`` of them, ``∅`` first): its mask ``(2^T, T, 1)``, where its
-    system takes ``G`` ``(2^T, T, T)`` and the system's constant part (identity rows outside ``F``)."""
+    system takes ``G`` ``(2^T, T, T)`` and the system's constant part (identity rows outside ``F``); shared
+    by every entry of a batch."""
     codes = torch.arange(1 << size, dtype=torch.int64)
     masks = ((codes[:, None] >> torch.arange(size)) & 1).to(torch.float64).to(device)
     return masks[:, :, None], masks[:, :, None] * masks[:, None, :], torch.diag_embed(1.0 - masks)
 
 
-def _exact(Gs: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
-    masks, inside, template = _all_faces(Gs.shape[0], Gs.device)
-    factor, info = torch.linalg.cholesky_ex(torch.addcmul(template, inside, Gs))
-    solution = _solve(factor, (Us @ Gs).mT * masks)  # −μ: G_FF μ_F = −(Gu)_F
+def _exact(Gp: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
+    # Every free set of every entry in one batched factorisation: systems (..., 2^T, T, T). Not padded (see
+    # factorize): each entry's 2^T·T² entries (and 2^T·T·K for the right-hand sides) are a multiple of 8
+    # for T ≥ 2, so every system of every entry starts at the same offset, modulo 64 bytes, as in an
+    # unbatched call (T = 1 is a scalar division).
+    size = Us.shape[-1]
+    masks, inside, template = _all_faces(size, Gp.device)
+    factor, info = torch.linalg.cholesky_ex(torch.addcmul(template, inside, Gp[..., None, :size, :size]))
+    solution = solve(factor, times(Us, Gp).mT[..., None, :, :] * masks)  # −μ: G_FF μ_F = −(Gu)_F
     # A face that fails to factorise (singular, or indefinite by rounding) means nothing: NaN, which
     # ranks last.
-    solution = torch.where(info[:, None, None] == 0, solution.neg_(), float("nan"))
-    return _pick(solution.mT, Gs, Us)
+    solution = torch.where(info[..., None, None] == 0, solution.neg_(), float("nan"))
+    return _pick(solution.mT, Gp, Us)
 
 
 # ---------------------------------------------------------------- beyond: interior point + exact finish
 
 
-def _interior_finished(Gs: torch.Tensor, Us: torch.Tensor, iterations: int) -> torch.Tensor:
-    mu, lam = _interior_point(Gs, Us, iterations)
-    free = torch.stack([mu > split * lam for split in _SPLITS])  # (S, K, T)
-    polished = _face_newton(Gs, Us.repeat(len(_SPLITS), 1), mu.repeat(len(_SPLITS), 1), free.flatten(0, 1))
+def _interior_finished(Gp: torch.Tensor, Us: torch.Tensor, iterations: int) -> torch.Tensor:
+    mu, lam = _interior_point(Gp, Us, iterations)
+    free = torch.stack([mu > split * lam for split in _SPLITS], dim=-3)  # (..., S, K, T)
+    polished = _face_newton(Gp, Us, mu[..., None, :, :], free)
     # v = u first: when it is optimal (nothing to project, or G = 0 and every v is) it wins the ties.
-    candidates = torch.cat((torch.zeros_like(mu)[None], mu[None], polished.unflatten(0, free.shape[:2])))
-    best = _pick(candidates, Gs, Us)
+    candidates = torch.cat((torch.zeros_like(mu)[..., None, :, :], mu[..., None, :, :], polished), dim=-3)
+    best = _pick(candidates, Gp, Us)[..., None, :, :]
     # One primal–dual active-set step from the best: free where μ_i > g_i.
-    step = _face_newton(Gs, Us, best, best > (Us + best) @ Gs)
-    return _pick(torch.stack((best, step)), Gs, Us)
+    step = _face_newton(Gp, Us, best, best > _gradients(Gp, Us, best))
+    return _pick(torch.cat((best, step), dim=-3), Gp, Us)
 
 
-def _face_newton(Gs: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """From ``mu`` ``(K, T)``, two Newton steps on ``½(u+μ)ᵀG(u+μ)`` restricted to ``μ_A = 0`` (``A`` outside
-    ``free``), with ``G_FF + ηI`` for the Hessian: on a non-singular face its minimiser up to
-    ``(η/σ_min)²``; on a singular one, the nearest minimiser along the face's range. Steps from the
-    iterate rather than a solve from scratch, so that an ill-conditioned face moves it little."""
-    inside = free.to(Gs.dtype)
+def _face_newton(Gp: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """From each candidate ``mu`` ``(..., C, K, T)``, two Newton steps on ``½(u+μ)ᵀG(u+μ)`` restricted to
+    ``μ_A = 0`` (``A`` outside ``free``, ``(..., C, K, T)``), with ``G_FF + ηI`` for the Hessian: on a
+    non-singular face its minimiser up to ``(η/σ_min)²``; on a singular one, the nearest minimiser along
+    the face's range. Steps from the iterate rather than a solve from scratch, so that an ill-conditioned
+    face moves it little."""
+    size = mu.shape[-1]
+    inside = free.to(Gp.dtype)
     diagonal = torch.addcmul(1.0 - inside, inside, torch.full_like(inside, _RIDGE))
-    system = torch.addcmul(torch.diag_embed(diagonal), inside[:, :, None] * inside[:, None, :], Gs)
-    factor, info = torch.linalg.cholesky_ex(system)
+    face = inside[..., :, None] * inside[..., None, :]
+    factor, info = factorize(torch.addcmul(torch.diag_embed(diagonal), face, Gp[..., None, None, :size, :size]))
     mu = mu * inside
     for _ in range(2):
-        gradient = (Us + mu).mm(Gs).mul_(inside)
-        mu = mu - _solve(factor, gradient[:, :, None])[:, :, 0]
-    return torch.where(info[:, None] == 0, mu, float("nan"))
+        gradient = _gradients(Gp, Us, mu).mul_(inside)
+        mu = mu - solve(factor, gradient[..., None])[..., 0]
+    return torch.where(info[..., None] == 0, mu, float("nan"))
 
 
-def _interior_point(Gs: torch.Tensor, Us: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _interior_point(Gp: torch.Tensor, Us: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mehrotra's predictor–corrector on ``min ½μᵀGμ + cᵀμ, μ ≥ 0`` (``c = Gu``): with ``λ`` the multipliers,
     Newton steps on ``Gμ + c − λ = 0``, ``μ ⊙ λ = σm`` (``m = μᵀλ/T``, ``σ`` from the predictor's
     progress). Eliminating ``Δλ`` leaves ``(G + diag(λ/μ)) Δμ = r`` for both steps (``G + ηI`` in the
     matrix: the free variables' ``λ/μ`` tends to 0 and ``G_FF`` may be singular). ``μ`` and ``λ`` live
-    side by side in one ``(K, 2T)`` tensor so that the step-length rule is one reduction."""
-    size = Gs.shape[0]
-    c = Us @ Gs
-    newton = Gs + _RIDGE * torch.eye(size, dtype=Gs.dtype, device=Gs.device)
-    z = torch.ones(Us.shape[0], 2 * size, dtype=Gs.dtype, device=Gs.device)
+    side by side in one ``(..., K, 2T)`` tensor so that the step-length rule is one reduction; every row
+    of every entry takes its own steps."""
+    size, extra = Us.shape[-1], Gp.shape[-1] - Us.shape[-1]
+    c = times(Us, Gp)
+    # The Newton matrix padded like Gp (an identity block: see factorize), built so directly.
+    ridge = torch.full((Gp.shape[-1],), _RIDGE, dtype=Gp.dtype, device=Gp.device)
+    ridge[size:].fill_(1.0)
+    newton = (Gp + torch.diag_embed(ridge))[..., None, :, :]
+    z = torch.ones(*c.shape[:-1], 2 * size, dtype=Gp.dtype, device=Gp.device)
     for _ in range(iterations):
-        mu, lam = z[:, :size], z[:, size:]
+        mu, lam = z.split(size, dim=-1)
         ratio = lam / mu
-        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(ratio).add_(newton))
-        gap = (mu * lam).mean(dim=1, keepdim=True)
+        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(torch.nn.functional.pad(ratio, (0, extra))).add_(newton))
+        gap = (mu * lam).mean(dim=-1, keepdim=True)
         # Predictor (σ = 0): (G + Λ/M)Δμ = −(Gμ + c − λ) − λ = −(Gμ + c), Δλ = −λ − (λ/μ)Δμ.
-        rhs = torch.addmm(c, mu, Gs).neg_()
-        d_mu = _solve(factor, rhs[:, :, None])[:, :, 0]
-        direction = torch.cat((d_mu, torch.addcmul(lam, ratio, d_mu).neg_()), dim=1)
+        rhs = times(mu, Gp).add_(c).neg_()
+        d_mu = solve(factor, rhs.unsqueeze(-1)).squeeze(-1)
+        direction = torch.cat((d_mu, torch.addcmul(lam, ratio, d_mu).neg_()), dim=-1)
         predicted = torch.addcmul(z, _max_step(z, direction, 1.0), direction)
-        sigma = (predicted[:, :size] * predicted[:, size:]).mean(dim=1, keepdim=True).div_(gap).clamp_(0.0, 1.0).pow_(3)
+        sigma = (predicted[..., :size] * predicted[..., size:]).mean(dim=-1, keepdim=True).div_(gap).clamp_(0.0, 1.0).pow_(3)
         # Corrector: aim at μ ⊙ λ = σm (m floored) less the predictor's second-order term t.
-        target = torch.addcmul(sigma.mul_(gap.clamp_min_(_FLOOR)), d_mu, direction[:, size:], value=-1.0)
-        d_mu = _solve(factor, torch.addcdiv(rhs, target, mu)[:, :, None])[:, :, 0]
-        direction = torch.cat((d_mu, torch.addcmul(target, lam, d_mu, value=-1.0).div_(mu).sub_(lam)), dim=1)
+        target = torch.addcmul(sigma.mul_(gap.clamp_min_(_FLOOR)), d_mu, direction[..., size:], value=-1.0)
+        d_mu = solve(factor, torch.addcdiv(rhs, target, mu).unsqueeze(-1)).squeeze(-1)
+        direction = torch.cat((d_mu, torch.addcmul(target, lam, d_mu, value=-1.0).div_(mu).sub_(lam)), dim=-1)
         # A failed factorisation (G indefinite beyond the ridge) gives no step.
-        step = torch.where(info[:, None] == 0, _max_step(z, direction, _TO_BOUNDARY), 0.0)
+        step = torch.where(info.unsqueeze(-1) == 0, _max_step(z, direction, _TO_BOUNDARY), 0.0)
         z = torch.addcmul(z, step, direction.nan_to_num_(0.0, 0.0, 0.0))
-    return z[:, :size], z[:, size:]
-
-
-def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(LLᵀ)⁻¹ rhs`` by two triangular solves (``cholesky_solve`` checks errors on every call, which
-    costs more than the solve at these sizes)."""
-    lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
-    return torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+    return z[..., :size], z[..., size:]
 
 
 def _max_step(z: torch.Tensor, direction: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``min(1, fraction × the step to the boundary z = 0)`` along ``direction``, per row ``(K, 1)``."""
-    return (direction / z).amin(dim=1, keepdim=True).clamp_max_(-fraction).reciprocal_().mul_(-fraction)
+    """``min(1, fraction × the step to the boundary z = 0)`` along ``direction``, per row ``(..., 1)``."""
+    return (direction / z).amin(dim=-1, keepdim=True).clamp_max_(-fraction).reciprocal_().mul_(-fraction)
+
+
+# ---------------------------------------------------------------- batched linear algebra, entry by entry
+#
+# A batch must give each entry exactly what the unbatched call gives. Elementwise kernels and reductions
+# (torch's own) do; BLAS and LAPACK (MKL) need not: they may round differently for data at another
+# memory alignment (in a batch each matrix starts where the one before it ends) and choose other
+# kernels for another batch size. So matrix-vector products here are elementwise products and sums,
+# and the solvers' matrix products, factorisations and solves work on rows padded to a multiple of
+# 8 float64 (64 bytes), where every matrix, row and column of every entry starts on a 64-byte boundary,
+# as an unbatched problem's do (measured bit-identical on MKL at every batch size; the methods also
+# give a single problem a batch dimension of 1, so that it runs the very same kernels).
+
+# float64 entries in 64 bytes.
+_ALIGN = 8
+
+
+def padded(size: int) -> int:
+    """``size`` rounded up to a multiple of 8: the rows of a padded matrix."""
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def pad_square(M: torch.Tensor) -> torch.Tensor:
+    """``M`` ``(..., n, n)`` padded with zeros to ``(..., padded(n), padded(n))``, for ``times``."""
+    extra = padded(M.shape[-1]) - M.shape[-1]
+    return torch.nn.functional.pad(M, (0, extra, 0, extra)) if extra else M
+
+
+def times(X: torch.Tensor, Mp: torch.Tensor) -> torch.Tensor:
+    """``X @ M`` for ``X`` ``(..., m, n)`` and ``Mp = pad_square(M)``: ``(..., m, n)``, each entry of a batch
+    as it would be alone."""
+    size = X.shape[-1]
+    extra = Mp.shape[-1] - size
+    if extra:
+        X = torch.nn.functional.pad(X, (0, extra))
+    product = X @ Mp
+    return product[..., :size] if extra else product
+
+
+def matvec(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M v`` for ``M`` ``(..., n, n)`` and ``v`` ``(..., n)``: ``(..., n)``, products and a sum per row."""
+    return torch.linalg.vecdot(M, v.unsqueeze(-2))
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀb`` over the last dimension (products and a sum)."""
+    return torch.linalg.vecdot(a, b)
+
+
+def factorize(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cholesky factor of each symmetric ``M`` ``(..., n, n)``, padded with an identity block to
+    ``padded(n)`` rows, and LAPACK's ``info`` ``(...)`` (0: factorised); for ``solve``. The identity block
+    is decoupled: its factor is the identity, and a right-hand side's padded rows (zeros) stay zero."""
+    size = M.shape[-1]
+    extra = padded(size) - size
+    if extra:
+        M = torch.nn.functional.pad(M, (0, extra, 0, extra))
+        M.diagonal(dim1=-2, dim2=-1)[..., size:].fill_(1.0)
+    return torch.linalg.cholesky_ex(M)
+
+
+def solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(LLᵀ)⁻¹ rhs`` for a ``factorize`` factor and ``rhs`` ``(..., n, k)``: ``(..., n, k)``. Two triangular
+    solves (``cholesky_solve`` checks errors on every call, which costs more than the solve at these
+    sizes)."""
+    size = rhs.shape[-2]
+    extra = factor.shape[-1] - size
+    if extra:
+        rhs = torch.nn.functional.pad(rhs, (0, 0, 0, extra))
+    lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    x = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+    return x[..., :size, :] if extra else x

@@ -28,7 +28,10 @@ shortened so that every weight stays positive), all evaluated at once: ``F`` is 
 so the longest candidate where its slope is still ``≤ 0`` decreases it. The candidates just below 1
 let a nearly exact Newton step be taken nearly whole, which keeps the convergence quadratic. The
 choice is made on the device: nothing is read back to the host, and every operation is on ``T``-sized
-tensors with any leading batch dimensions (``G`` of shape ``(..., T, T)``).
+tensors with any leading batch dimensions (``G`` of shape ``(..., T, T)``). An entry of a batch gets what
+it would get alone: bit for bit for ``p = 1`` (Nash-MTL); for other ``p`` (FairGrad) to rounding
+(~1e-16 relative), since ``x^p`` (``κ`` and the start) is computed by torch's vectorised or scalar kernel
+depending on where an element falls in the batch, and the two round differently.
 
 **Acceptance.** A solve is accepted when (1) its backward error ``max_i |(Cy)_i − κ_i y_i^(−p)| /
 (Σ_j |C_ij| y_j + κ_i y_i^(−p))`` is at most ``ACCEPT`` (1e-8; a converged solve is at ~1e-16·T), i.e.
@@ -50,6 +53,7 @@ from typing import NamedTuple
 import torch
 
 from ._common import symmetric64
+from ._cone import padded, solve
 
 ACCEPT = 1e-8
 MAX_CANCELLATION = 1e4
@@ -70,8 +74,10 @@ class PowerSystemSolution(NamedTuple):
 def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> PowerSystemSolution:
     """``w`` (float64) with ``G w = w^(−power)``, ``w > 0``, for ``G`` of shape ``(..., T, T)`` (any float dtype,
     symmetrised in float64): see the module docstring for zero gradients and systems without a solution."""
-    G = symmetric64(G)
-    size = G.shape[-1]
+    batch, size = G.shape[:-2], G.shape[-1]
+    # One batch dimension (1 for a single problem): an entry of a batch then runs the same kernels as
+    # the unbatched call, which keeps the two bit-identical.
+    G = symmetric64(G.reshape(-1, size, size))
     nash = power == 1.0
     eye, ladder, zero, one = _constants(size, G.device)
     diagonal = G.diagonal(dim1=-2, dim2=-1)[..., None]  # vectors are columns, (..., T, 1), throughout
@@ -79,7 +85,7 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
     safe = torch.where(active, diagonal, one)
     root = safe.sqrt()
     # (torch.logical_and rather than `&`, whose Python-level wrapper costs ~10 µs a call.)
-    C = torch.where(torch.logical_and(active, active.mT), G / (root @ root.mT), eye)
+    C = torch.where(torch.logical_and(active, active.mT), G / (root * root.mT), eye)
     C.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # exactly: G_ii / sqrt(G_ii)² is 1 only up to rounding
     kappa = scale = None
     if not nash:
@@ -98,7 +104,9 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
     w = torch.where(accepted, w, zero)
     # NaN (or ±inf) anywhere in G: NaN weights, for the caller's finiteness check.
     poison = G.sum(dim=(-2, -1))[..., None, None] * 0
-    return PowerSystemSolution((w + poison).squeeze(-1), error.squeeze((-2, -1)), cancellation.squeeze((-2, -1)))
+    return PowerSystemSolution(
+        (w + poison).reshape(*batch, size), error.reshape(batch), cancellation.reshape(batch)
+    )
 
 
 def check_max_norm(max_norm: float | None) -> None:
@@ -117,7 +125,7 @@ def clip_to_norm(w: torch.Tensor, G: torch.Tensor, max_norm: float | None) -> to
     """``w·min(1, max_norm/‖d‖)`` with ``‖d‖² = wᵀGw`` (``w`` unchanged for ``max_norm=None``)."""
     if max_norm is None:
         return w
-    Gw = (symmetric64(G) @ w[..., None]).squeeze(-1)
+    Gw = (symmetric64(G) * w[..., None, :]).sum(dim=-1)
     norm = (w * Gw).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
     return w * (max_norm / norm.clamp_min(max_norm))  # a factor ≤ 1; 1 for d = 0
 
@@ -130,10 +138,10 @@ def _diagnose(
     so zeroing their ``y`` leaves ``Cy`` unchanged on the active rows."""
     push = y.reciprocal() if kappa is None else kappa * y.pow(-power)
     y = torch.where(active, y, zero)
-    Cy = C @ y
-    error = (Cy - push).abs() / (C.abs() @ y + push)
+    Cy = _times(C, y)
+    error = (Cy - push).abs() / (_times(C.abs(), y) + push)
     error = torch.where(active, error, zero).amax(dim=-2, keepdim=True)
-    norm_sq = y.mT @ Cy
+    norm_sq = torch.linalg.vecdot(y, Cy, dim=-2)[..., None]
     mass = y.sum(dim=-2, keepdim=True)
     cancellation = mass / norm_sq.sqrt()  # NaN or inf, never accepted, for norm_sq ≤ 0
     return error, cancellation
@@ -172,7 +180,13 @@ def _newton(
     # Every iteration is ~30 kernels on T-sized tensors, so their count is the cost (~1 µs each on a
     # CPU): vectors stay columns (no reshaping) and the constants come built.
     nash = kappa is None
-    eye_p = eye if nash else eye * power
+    # The Newton matrix is factorised padded to N = _cone.padded(T) rows (an identity block beyond T),
+    # where every entry of a batch is solved as it would be alone (see _cone's batched linear algebra).
+    size = C.shape[-1]
+    extra = padded(size) - size
+    eye_p = torch.nn.functional.pad(eye if nash else eye * power, (0, extra, 0, extra))
+    eye_p.diagonal()[size:].fill_(1.0)
+    C_p = torch.nn.functional.pad(C, (0, extra, 0, extra))
     # The start: the solution for orthogonal gradients, u = κ^(1/(1+p)), times F's minimiser along its
     # ray, c: c·uᵀCu = c^(−p)·Σ_i κ_i u_i^(1−p), i.e. c^(1+p) = Σ_i u_i² / uᵀCu (κ_i = u_i^(1+p)).
     if nash:
@@ -180,28 +194,36 @@ def _newton(
         y = (C.shape[-1] / torch.where(curvature > 0, curvature, one)).sqrt().expand_as(C[..., :1])
     else:
         u = kappa.pow(1.0 / (1.0 + power))
-        curvature = u.mT @ C @ u
-        y = u * ((u.mT @ u) / torch.where(curvature > 0, curvature, one)).pow(1.0 / (1.0 + power))
+        curvature = torch.linalg.vecdot(u, _times(C, u), dim=-2)[..., None]
+        length_sq = torch.linalg.vecdot(u, u, dim=-2)[..., None]
+        y = u * (length_sq / torch.where(curvature > 0, curvature, one)).pow(1.0 / (1.0 + power))
     for _ in range(iterations):
-        Cy = C @ y
+        Cy = _times(C, y)
         push = y.reciprocal() if nash else kappa * y.pow(-power)  # κ·h'(y): the barrier's push outwards
         sigma = y if nash else (y / push).sqrt()  # sqrt(y^(p+1)/κ), where the Hessian is ΣCΣ + p·I
         # K = ΣCΣ + p·I ⪰ p·I. Two triangular solves rather than cholesky_solve, which checks for
         # errors (a host read). A failed factorisation (C indefinite by rounding, with huge weights)
         # leaves a meaningless partial factor: its direction is taken only as far as F descends.
-        chol, _ = torch.linalg.cholesky_ex(torch.addcmul(eye_p, C, sigma @ sigma.mT))
+        sigma_p = torch.nn.functional.pad(sigma, (0, 0, 0, extra))
+        chol, _ = torch.linalg.cholesky_ex(torch.addcmul(eye_p, C_p, sigma_p * sigma_p.mT))
         rhs = sigma * (push - Cy)  # −Σ∇F
-        lower = torch.linalg.solve_triangular(chol, rhs, upper=False)
-        step = sigma * torch.linalg.solve_triangular(chol.mT, lower, upper=True).nan_to_num_(0.0, 0.0, 0.0)
+        step = sigma * solve(chol, rhs).nan_to_num_(0.0, 0.0, 0.0)
         # The ladder's steps, the longest stopping at most 0.99 of the way to the boundary y > 0.
         steps = ladder / (step / y).amin(dim=-2, keepdim=True).clamp_max(-_SHORTEN / _LONGEST)
         candidates = torch.addcmul(y, step, steps)  # (..., T, K)
         # F's slope along the step at each candidate y + sΔ: Δᵀ(C(y + sΔ)) − Σ_i κ_i Δ_i (y_i + sΔ_i)^(−p).
         pushed = candidates.reciprocal() if nash else kappa * candidates.pow(-power)
-        slopes = (C @ step).mT @ candidates - step.mT @ pushed
+        slopes = torch.linalg.vecdot(_times(C, step), candidates, dim=-2) - torch.linalg.vecdot(step, pushed, dim=-2)
+        slopes = slopes.unsqueeze(-2)
         # F is convex along the line, so the slopes fall along the ladder, and the longest candidate
         # whose slope is still ≤ 0 (the first after those > 0; the last, step 0, has slope ∇F·Δ ≤ 0)
         # decreases F.
         first = (slopes[..., :-1] > 0).sum(dim=-1, keepdim=True)
         y = torch.addcmul(y, steps.gather(-1, first), step)
     return y
+
+
+def _times(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M v`` for a column ``v`` ``(..., T, 1)``: products and a sum per row, which give each entry of a batch
+    what it would give the entry alone (BLAS need not: see ``_cone``'s batched linear algebra)."""
+    return torch.linalg.vecdot(M, v.mT).unsqueeze(-1)

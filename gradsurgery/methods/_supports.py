@@ -26,6 +26,9 @@ The work is fixed (no iterations, no data-dependent branches, nothing read back 
 as ``2^T·T³``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
 solve finishes the interior point: ``polish_*`` solve only the few faces that its weights point to and
 keep whichever of them and the interior point is best.
+
+A batch of problems (``G`` ``(..., T, T)``) is one solve over (batch, faces), and each entry picks its
+own best candidate (the polish, its own faces): an entry gets what it would get alone, bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import functools
 from typing import Callable
 
 import torch
+
+from . import _cone
 
 MAX_TASKS = 10
 # A candidate may undershoot 0 by rounding (a minimiser on the face's boundary); the problems are
@@ -47,111 +52,137 @@ _POLISH_GUESSES = 5
 
 @functools.lru_cache(maxsize=32)
 def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_bordered`` for every support with ``|S| ≥ 2``."""
+    """``_bordered`` for every support with ``|S| ≥ 2`` (shared by every entry of a batch)."""
     codes = torch.arange(1 << size, dtype=torch.int64)
     bits = (codes[:, None] >> torch.arange(size)) & 1
     return _bordered(bits[bits.sum(dim=1) >= 2].to(torch.float64).to(device))
 
 
 def _bordered(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the supports ``masks`` ``(K, T)`` (0/1): the masks, where each face's bordered matrix takes
-    ``G`` ``(K, T+1, T+1)``, and that matrix's constant part: identity rows outside ``S`` and the border."""
-    size = masks.shape[1]
-    inside = torch.nn.functional.pad(masks[:, :, None] * masks[:, None, :], (0, 1, 0, 1))
+    """For the supports ``masks`` ``(..., K, T)`` (0/1): the masks, where each face's bordered matrix takes
+    ``G`` ``(..., K', T+1, T+1)``, and that matrix's constant part: identity rows outside ``S`` and the border.
+
+    ``K'`` is ``K`` rounded up to a multiple of 8, the last support repeated (a repeated candidate never
+    wins over its first copy in ``_best``): each entry's systems then fill a multiple of 64 bytes, so that
+    in a batch every system starts at the offset, modulo 64 bytes, that it has in an unbatched call, and
+    is solved bit-identically (see ``_cone``'s batched linear algebra)."""
+    size, count = masks.shape[-1], masks.shape[-2]
+    extra = -count % 8
+    if extra:
+        masks = torch.cat((masks, masks[..., -1:, :].expand(*masks.shape[:-2], extra, size)), dim=-2)
+    inside = torch.nn.functional.pad(masks[..., :, None] * masks[..., None, :], (0, 1, 0, 1))
     template = torch.nn.functional.pad(torch.diag_embed(1.0 - masks), (0, 1, 0, 1))
-    template[:, :size, size] = masks
-    template[:, size, :size] = masks
+    template[..., :size, size] = masks
+    template[..., size, :size] = masks
     return masks, inside, template
 
 
 def _face_solutions(G: torch.Tensor, rhs: torch.Tensor, faces: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Each face's bordered-system solution ``(K, T, R)`` for the right-hand sides ``rhs`` ``(T+1, R)``
-    restricted to the face; NaN for a face whose system is singular."""
+    """Each face's bordered-system solution ``(..., K, T, R)`` for the right-hand sides ``rhs``
+    ``(..., T+1, R)`` restricted to the face; NaN for a face whose system is singular. ``G`` is ``(..., T, T)``;
+    the faces are shared (``(K, T)`` masks) or per entry (``(..., K, T)``): one batched solve over both."""
     masks, inside, template = faces
-    systems = torch.addcmul(template, inside, torch.nn.functional.pad(G, (0, 1, 0, 1)))
-    face_rhs = rhs * torch.nn.functional.pad(masks, (0, 1), value=1.0)[:, :, None]
-    solution, info = torch.linalg.solve_ex(systems, face_rhs)
-    return torch.where((info == 0)[:, None, None], solution[:, :-1], torch.full_like(solution[:, :-1], float("nan")))
+    systems = torch.addcmul(template, inside, torch.nn.functional.pad(G, (0, 1, 0, 1))[..., None, :, :])
+    face_rhs = rhs[..., None, :, :] * torch.nn.functional.pad(masks, (0, 1), value=1.0)[..., :, :, None]
+    solution, info = torch.linalg.solve_ex(systems, face_rhs.expand(*systems.shape[:-1], rhs.shape[-1]))
+    solution = solution[..., :-1, :]
+    return torch.where((info == 0)[..., None, None], solution, torch.full_like(solution, float("nan")))
 
 
 def _best(
     points: torch.Tensor, feasible: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """The candidate with the smallest ``objective`` among the face points ``(K, T)`` inside the
-    simplex (up to rounding, then clipped onto it) and the points ``feasible`` ``(F, T)``, which are."""
-    size = points.shape[1]
-    inside = (points >= -_FEASIBILITY_SLACK).all(dim=1)  # False for NaN rows
-    points = torch.where(inside[:, None], points, torch.full_like(points, 1.0 / size)).clamp_min(0)
-    points = torch.cat((points / points.sum(dim=1, keepdim=True), feasible))
-    inside = torch.cat((inside, torch.ones(len(feasible), dtype=torch.bool, device=inside.device)))
+    """The candidate with the smallest ``objective`` among the face points ``(..., K, T)`` inside the
+    simplex (up to rounding, then clipped onto it) and the points ``feasible`` ``(..., F, T)``, which are;
+    ``(..., T)``, each entry of a batch choosing among its own candidates."""
+    size = points.shape[-1]
+    inside = (points >= -_FEASIBILITY_SLACK).all(dim=-1)  # False for NaN rows
+    points = torch.where(inside[..., None], points, torch.full_like(points, 1.0 / size)).clamp_min(0)
+    feasible = feasible.expand(*points.shape[:-2], *feasible.shape[-2:])
+    points = torch.cat((points / points.sum(dim=-1, keepdim=True), feasible), dim=-2)
+    inside = torch.nn.functional.pad(inside, (0, feasible.shape[-2]), value=True)
     values = objective(points)
-    chosen = torch.where(inside, values, torch.full_like(values, float("inf"))).argmin(dim=0, keepdim=True)
-    w = points.index_select(0, chosen).squeeze(0)  # indexing with a tensor would read it back
+    chosen = torch.where(inside, values, torch.full_like(values, float("inf"))).argmin(dim=-1, keepdim=True)
+    # A gather: indexing with a tensor would read it back.
+    w = points.gather(-2, chosen[..., None].expand(*chosen.shape, size)).squeeze(-2)
     # A non-finite problem has no answer: say so with NaN weights.
-    return torch.where(values[-len(feasible) :].isfinite().all(), w, torch.full_like(w, float("nan")))
+    finite = values[..., -feasible.shape[-2] :].isfinite().all(dim=-1, keepdim=True)
+    return torch.where(finite, w, torch.full_like(w, float("nan")))
 
 
 def _quadratic(points: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    return ((points @ G) * points).sum(dim=-1)
+    """``pᵀGp`` for each row ``p`` of ``points`` ``(..., K, T)``: ``(..., K)``."""
+    return (_cone.times(points, _cone.pad_square(G)) * points).sum(dim=-1)
 
 
 def _vertices(G: torch.Tensor) -> torch.Tensor:
-    return torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
 
 
 def min_norm(G: torch.Tensor) -> torch.Tensor:
-    """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` normalised to O(1), ``T ≤ MAX_TASKS``."""
+    """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` ``(..., T, T)`` normalised to O(1), ``T ≤ MAX_TASKS``:
+    ``(..., T)``, every face of every entry in one batched solve."""
     with torch.inference_mode():
-        w = _min_norm_among(G, _all_faces(G.shape[0], G.device), _vertices(G))
+        w = _min_norm_among(G, _all_faces(G.shape[-1], G.device), _vertices(G))
     return w.clone()  # an ordinary tensor again, usable outside inference mode
 
 
 def cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``T ≤ MAX_TASKS``."""
+    """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``T ≤ MAX_TASKS``; ``G``
+    ``(..., T, T)``, ``b`` ``(..., T)``, ``φ`` ``(...)``."""
     with torch.inference_mode():
-        w = _cagrad_among(G, b, phi, _all_faces(G.shape[0], G.device), _vertices(G))
+        w = _cagrad_among(G, b, phi, _all_faces(G.shape[-1], G.device), _vertices(G))
     return w.clone()
 
 
 def polish_min_norm(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``w`` (an approximate ``argmin_{w ∈ Δ} wᵀGw``, e.g. the interior point's) or, when better, the
-    exact minimiser on a face that ``w`` points at: see ``_supports_of``."""
+    exact minimiser on a face that ``w`` points at: see ``_supports_of``. Per entry of a batch: each
+    solves the faces its own ``w`` points at."""
     with torch.inference_mode():
-        polished = _min_norm_among(G, _bordered(_supports_of(w)), w[None])
+        polished = _min_norm_among(G, _bordered(_supports_of(w)), w[..., None, :])
     return polished.clone()
 
 
 def polish_cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``polish_min_norm`` for CAGrad's dual problem."""
     with torch.inference_mode():
-        polished = _cagrad_among(G, b, phi, _bordered(_supports_of(w)), w[None])
+        polished = _cagrad_among(G, b, phi, _bordered(_supports_of(w)), w[..., None, :])
     return polished.clone()
 
 
 def _supports_of(w: torch.Tensor) -> torch.Tensor:
-    """Candidate supports of the minimiser that an interior point ``w`` approaches: the weights above
-    ``τ·max(w)`` for a few ``τ``. On the barrier path a weight outside the support shrinks like ``1/t``
-    while those inside settle at their final values, so one of these thresholds almost always separates
-    the two; a wrong guess is a feasible point or none, and loses to ``w`` itself in ``_best``."""
+    """Candidate supports ``(..., _POLISH_GUESSES, T)`` of the minimiser that an interior point ``w``
+    ``(..., T)`` approaches: the weights above ``τ·max(w)`` for a few ``τ``. On the barrier path a weight
+    outside the support shrinks like ``1/t`` while those inside settle at their final values, so one of
+    these thresholds almost always separates the two; a wrong guess is a feasible point or none, and
+    loses to ``w`` itself in ``_best``."""
     thresholds = torch.full((_POLISH_GUESSES,), _POLISH_RATIO, dtype=w.dtype, device=w.device).cumprod(0)
-    return (w[None, :] > thresholds[:, None] * w.amax()).to(w.dtype)
+    return (w[..., None, :] > thresholds[:, None] * w.amax(dim=-1, keepdim=True)[..., None]).to(w.dtype)
 
 
 def _min_norm_among(G: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor) -> torch.Tensor:
-    rhs = torch.zeros(G.shape[0] + 1, 1, dtype=G.dtype, device=G.device)
+    rhs = torch.zeros(G.shape[-1] + 1, 1, dtype=G.dtype, device=G.device)
     rhs[-1].fill_(1.0)  # not rhs[-1] = 1.0: on CUDA that copies a host scalar, which waits for the device
-    return _best(_face_solutions(G, rhs, faces)[:, :, 0], feasible, lambda points: _quadratic(points, G))
+    return _best(_face_solutions(G, rhs, faces)[..., 0], feasible, lambda points: _quadratic(points, G))
 
 
 def _cagrad_among(
     G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor
 ) -> torch.Tensor:
-    rhs = torch.zeros(G.shape[0] + 1, 2, dtype=G.dtype, device=G.device)
-    rhs[-1, 0].fill_(1.0)
-    rhs[:-1, 1] = -b
-    w0, w1 = _face_solutions(G, rhs, faces).unbind(dim=2)
+    # Right-hand sides (0, 1) and (−b, 0), side by side: (..., T+1, 2).
+    border = torch.zeros(G.shape[-1] + 1, dtype=G.dtype, device=G.device)
+    border[-1].fill_(1.0)
+    rhs = torch.stack((border.expand(*b.shape[:-1], -1), torch.nn.functional.pad(-b, (0, 1))), dim=-1)
+    w0, w1 = _face_solutions(G, rhs, faces).unbind(dim=-1)
+    phi = phi[..., None]  # one per entry, against its K faces
     margin = phi * phi - _quadratic(w1, G)
     safe_margin = torch.where(margin > 0, margin, torch.ones_like(margin))
     s = torch.where(margin > 0, (_quadratic(w0, G).clamp_min(0) / safe_margin).sqrt(), torch.full_like(margin, float("nan")))
-    points = torch.addcmul(w0, s[:, None], w1)
-    return _best(points, feasible, lambda points: points @ b + phi * _quadratic(points, G).clamp_min(0).sqrt())
+    points = torch.addcmul(w0, s[..., None], w1)
+    b = b[..., None, :]
+
+    def objective(points: torch.Tensor) -> torch.Tensor:
+        return (points * b).sum(dim=-1) + phi * _quadratic(points, G).clamp_min(0).sqrt()
+
+    return _best(points, feasible, objective)

@@ -44,6 +44,7 @@ import torch
 
 from ._common import check_gram, check_reduction, normalized, to_reduction
 from . import _cone, _supports
+from ._cone import dot, matvec, pad_square
 from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
 from .spec import Method, Option, finite_number, one_of, positive_int
 
@@ -82,34 +83,48 @@ def cagrad_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the CAGrad update.
 
-    ``solve(G_normalized, b, phi, max_iter)`` finds the dual solution for ``T ≥ 3`` (default: exact up
-    to ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
-    fused kernel. Either interior point is then finished exactly on its support.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
+    ``(..., T)``; each entry as the unbatched call gives it). ``solve(G_normalized, b, phi, max_iter)``
+    finds the dual solution of one ``(T, T)`` problem for ``T ≥ 3`` (default: exact up to
+    ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the fused
+    kernel, which takes one problem: for a batch it is ignored and the torch solvers run. Either
+    interior point is then finished exactly on its support.
     """
     check_gram(G)
     check_cagrad_options(c, rescale)
     check_reduction(reduction)
     if max_iter < 1:
         raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
-    T = G.shape[0]
-    Gn = normalized(G)
-    b = Gn.sum(dim=1) / T
-    phi = c * Gn.sum().clamp_min(0).sqrt() / T
+    batch, T = G.shape[:-2], G.shape[-1]
+    if G.dim() > 2:
+        solve = None
+    # One batch dimension (1 for a single problem): an entry of a batch then runs the same kernels as
+    # the unbatched call, which keeps the two bit-identical.
+    Gn = normalized(G.reshape(-1, T, T))
+    b = Gn.sum(dim=-1) / T
+    phi = c * Gn.sum(dim=(-2, -1)).clamp_min(0).sqrt() / T
     if T == 2:
         w_star = _solve_two(Gn, b, phi)
     elif solve is None and T <= _supports.MAX_TASKS:
         w_star = _supports.cagrad_dual(Gn, b, phi)
+    elif solve is None:
+        w_star = _supports.polish_cagrad_dual(Gn, b, phi, _solve(Gn, b, phi, max_iter))
     else:
-        # The interior point (the fused kernel's or the one here), finished exactly on its support.
-        w_star = _supports.polish_cagrad_dual(Gn, b, phi, (solve or _solve)(Gn, b, phi, max_iter))
-    norm_sq = (w_star @ Gn @ w_star).clamp_min(0)
+        # The fused kernel's interior point (one problem), finished exactly on its support.
+        w_star = _supports.polish_cagrad_dual(Gn, b, phi, solve(Gn[0], b[0], phi[0], max_iter)[None])
+    norm_sq = _quadratic(w_star, Gn).clamp_min(0)
     norm = norm_sq.sqrt()
     lam = torch.where(norm > 0, phi / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    weights = 1 + T * lam * w_star  # d = g0 + λ·g_w*, on the sum scale
+    weights = 1 + T * lam[:, None] * w_star  # d = g0 + λ·g_w*, on the sum scale
     if c > 0:  # c = 0 stays exactly naive summation
         weights = _unless_degenerate(weights, Gn, phi, norm_sq, rounding=torch.finfo(G.dtype).eps)
     divisor = {"1+c^2": 1 + c**2, "1+c": 1 + c, None: 1.0}[rescale]
-    return to_reduction(weights / divisor, reduction)
+    return to_reduction(weights / divisor, reduction).reshape(*batch, T)
+
+
+def _quadratic(w: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``wᵀGw`` per entry: ``w`` ``(..., T)``, ``G`` ``(..., T, T)`` → ``(...)``."""
+    return dot(w, matvec(G, w))
 
 
 def _unless_degenerate(
@@ -117,7 +132,8 @@ def _unless_degenerate(
 ) -> torch.Tensor:
     """``weights`` (the dual formula's, sum scale), or, where ``‖g_w*‖`` is rounding noise, those of
     ``d = g0 + min(1, φ/r)·(p − g0)`` with ``p`` the projection of ``g0`` onto the dual cone and
-    ``r = ‖p − g0‖`` (see the module docstring). ``G`` is normalised (largest diagonal 1, or 0).
+    ``r = ‖p − g0‖`` (see the module docstring). ``G`` is normalised (largest diagonal 1, or 0); all
+    arguments have one batch dimension (``G`` ``(B, T, T)``), and each entry switches on its own.
 
     ``‖g_w*‖² = w*ᵀGw*`` sums ``T²`` entries of ``G`` rounded at ``ε`` (of ``G``'s dtype) weighted by
     ``w* ∈ Δ``: it is known to about ``T·ε``, so the dual formula's ``‖d − g0‖ = λ‖g_w*‖ = φ`` holds only
@@ -131,21 +147,22 @@ def _unless_degenerate(
     own precision could not resolve. The floor is for fp32 gradients, which come with an fp64 Gram matrix
     when their squares leave fp32's range (``backend.rescued``): weights below ``1e5`` keep an fp32
     combination's cancellation (``ε·Σ_t|w_t|‖g_t‖``) under ``1e-2`` of the largest gradient."""
-    T = G.shape[0]
+    T = G.shape[-1]
     eta = (T * rounding) ** (2 / 3)
     uniform = torch.full((1, T), 1.0 / T, dtype=G.dtype, device=G.device)
     ridge = max(T * rounding, 1e-10)
     if T == 2:
         away = _cone.project_two(G, uniform[0], ridge=ridge) - 0.5  # p − g0, in weights
     else:
-        away = _cone.project(G, uniform, ridge=ridge, max_iter=_PROJECTION_ITERATIONS)[0] - 1.0 / T
-    distance_sq = (away @ G @ away).clamp_min(0)
+        away = _cone.project(G, uniform, ridge=ridge, max_iter=_PROJECTION_ITERATIONS)[:, 0] - 1.0 / T
+    distance_sq = _quadratic(away, G).clamp_min(0)
     # min(1, φ/r): all the way to p when it is inside the ball (then it is primal-optimal), else as far
     # as the ball allows (finite and feasible; see the module docstring for when that happens).
     inside = distance_sq <= phi * phi
     fraction = torch.where(inside, 1.0, phi / torch.where(inside, 1.0, distance_sq.sqrt()))
-    projected = torch.addcmul(torch.ones_like(weights), fraction * T, away)
-    return torch.where(norm_sq <= eta * G.diagonal().amax(), projected, weights)
+    projected = torch.addcmul(torch.ones_like(weights), (fraction * T)[:, None], away)
+    noise = norm_sq <= eta * G.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+    return torch.where(noise[:, None], projected, weights)
 
 
 def cagrad_objective(w: torch.Tensor, G: torch.Tensor, c: float) -> torch.Tensor:
@@ -161,44 +178,51 @@ def _solve_two(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Ten
     # w = (u, 1 − u): g_w = g2 + u(g1 − g2), ‖g_w‖² = a·u² + 2βu + γ = y²/a + D with y = a·u + β.
     # f'(u) = −s + φ·y/‖g_w‖ with s = b2 − b1, so the stationary point has sign(y) = sign(s) and
     # y² = s²·D·a / (φ²a − s²); when φ²a ≤ s² the slope never changes sign and a vertex wins.
-    a = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-    beta = G[0, 1] - G[1, 1]
-    s = b[1] - b[0]
+    # G (..., 2, 2), b (..., 2), φ (...): one closed form per entry.
+    a = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
+    beta = G[..., 0, 1] - G[..., 1, 1]
+    s = b[..., 1] - b[..., 0]
     safe_a = torch.where(a > 0, a, torch.ones_like(a))
-    distance_sq = (G[1, 1] - beta * beta / safe_a).clamp_min(0)
+    distance_sq = (G[..., 1, 1] - beta * beta / safe_a).clamp_min(0)
     margin = phi * phi * a - s * s
     safe_margin = torch.where(margin > 0, margin, torch.ones_like(margin))
     y = torch.sign(s) * (distance_sq * a / safe_margin).clamp_min(0).sqrt() * s.abs()
     interior = ((y - beta) / safe_a).clamp(0.0, 1.0)
     vertex = torch.where(s > 0, torch.ones_like(s), torch.where(s < 0, torch.zeros_like(s), torch.full_like(s, 0.5)))
     u = torch.where(a > 0, torch.where(margin > 0, interior, vertex), torch.full_like(a, 0.5))
-    return torch.stack((u, 1 - u))
+    return torch.stack((u, 1 - u), dim=-1)
 
 
 def _solve(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """The interior point for ``G`` ``(..., T, T)``, ``b`` ``(..., T)``, ``φ`` ``(...)``: ``(..., T)``."""
+    phi = phi[..., None]  # (..., 1) against vectors (..., N) and ladders (..., K)
+    size = G.shape[-1]
+    G = pad_square(G)  # padded, with b: see minimize_on_simplex
+    b = torch.nn.functional.pad(b, (0, G.shape[-1] - size))
+
     # ‖g_w‖ is smoothed to sqrt(‖g_w‖² + 1/t²): off by at most 1/t, like the barrier at weight t,
     # and its curvature near g_w = 0 (~t) never dwarfs the barrier's.
     def objective(w: torch.Tensor, t: float) -> LocalModel:
-        Gw = G @ w
-        norm_sq = w @ Gw + t**-2
+        Gw = matvec(G, w)
+        norm_sq = dot(w, Gw).unsqueeze(-1) + t**-2  # (..., 1)
         norm = norm_sq.sqrt()
         # ∇f = b + φ·Gw/n, ∇²f = (φ/n)·(G − (Gw/n)(Gw/n)ᵀ)
         scale = phi / norm
         grad = torch.addcmul(b, scale, Gw)
         unit = Gw / norm
-        hess = torch.addr(G, unit, unit, alpha=-1).mul_(scale)
+        hess = torch.sub(G, unit.unsqueeze(-1) * unit.unsqueeze(-2)).mul_(scale.unsqueeze(-1))
 
         def slope(d: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
             # ∇f(w + s·d)·d = b·d + φ·(wᵀGd + s·dᵀGd) / sqrt(n² + 2s·wᵀGd + s²·dᵀGd)
-            Gd = G @ d
-            wGd = w @ Gd
-            along = torch.addcmul(wGd, steps, d @ Gd)  # wᵀGd + s·dᵀGd
+            Gd = matvec(G, d)
+            wGd = dot(w, Gd).unsqueeze(-1)
+            along = torch.addcmul(wGd, steps, dot(d, Gd).unsqueeze(-1))  # wᵀGd + s·dᵀGd
             moved_sq = torch.addcmul(norm_sq, steps, along + wGd)
-            return torch.addcmul(b @ d, along / moved_sq.clamp_min(t**-2).sqrt(), phi)
+            return torch.addcmul(dot(b, d).unsqueeze(-1), along / moved_sq.clamp_min(t**-2).sqrt(), phi)
 
         return LocalModel(grad, hess, slope)
 
-    return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)
+    return minimize_on_simplex(objective, size, like=G, iterations=max_iter)
 
 
 METHOD = Method(

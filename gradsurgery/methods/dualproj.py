@@ -65,20 +65,25 @@ def dualproj_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the DualProj update, on the sum scale.
 
-    ``pref_vector``: the preference ``p`` (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a
-    sequence; ``max_iter``: the interior point's iterations beyond ``_cone.MAX_TASKS`` tasks.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
+    ``(..., T)``; each entry as the unbatched call gives it). ``pref_vector``: the preference ``p``
+    (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a sequence, the same for every entry of
+    a batch; ``max_iter``: the interior point's iterations beyond ``_cone.MAX_TASKS`` tasks.
     """
     check_gram(G)
     check_reduction(reduction)
     check_max_iter(max_iter)
-    T = G.shape[0]
+    batch, T = G.shape[:-2], G.shape[-1]
     p = preference(pref_vector, G)
-    G = symmetric64(G)  # the solver scales G itself (to a unit diagonal)
+    # One batch dimension (1 for a single problem): an entry of a batch then runs the same kernels as
+    # the unbatched call, which keeps the two bit-identical.
+    G = symmetric64(G.reshape(-1, T, T))  # the solver scales G itself (to a unit diagonal)
     if T == 2:
         w = T * _cone.project_two(G, p)
     else:
-        w = T * _cone.project(G, p[None], max_iter=max_iter)[0]
-    return to_reduction(w if pref_vector is None else valid(w, p), reduction)
+        w = T * _cone.project(G, p[None], max_iter=max_iter)[:, 0]
+    w = w if pref_vector is None else valid(w, p)
+    return to_reduction(w, reduction).reshape(*batch, T)
 
 
 METHOD = Method(

@@ -105,14 +105,18 @@ def fairgrad_weights(
 
     ``G w = w^(−1/α)`` (intrinsic scale; ``×T`` with ``scale="official"``); zero gradients get 0, and all
     weights are 0 when no ``d`` improves every task. ``max_norm`` rescales ``d`` to at most that length.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
+    ``(..., T)``; each entry as the unbatched call gives it).
     """
     check_gram(G)
     check_fairgrad_options(alpha, scale, max_norm, max_iter)
     check_reduction(reduction)
+    batch, T = G.shape[:-2], G.shape[-1]
+    G = G.reshape(-1, T, T)  # one batch dimension: an entry runs the kernels of the unbatched call
     w = solve_power_system(G, 1.0 / alpha, max_iter=max_iter).weights
     if scale == "official":
-        w = w * G.shape[-1]
-    return to_reduction(clip_to_norm(w, G, max_norm), reduction)
+        w = w * T
+    return to_reduction(clip_to_norm(w, G, max_norm), reduction).reshape(*batch, T)
 
 
 METHOD = Method(

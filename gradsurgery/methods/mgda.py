@@ -35,6 +35,7 @@ import torch
 
 from ._common import as_losses, check_gram, check_reduction, normalized, symmetric64, to_reduction
 from . import _supports
+from ._cone import dot, matvec, pad_square
 from ._simplex import DEFAULT_ITERATIONS, LocalModel, minimize_on_simplex
 from .spec import Method, Option, one_of, positive_int
 
@@ -75,67 +76,79 @@ def mgda_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the MGDA update.
 
-    ``solve(G_hat, max_iter)`` finds the min-norm weights for ``T ≥ 3`` (default: exact up to
-    ``_supports.MAX_TASKS`` tasks, the interior-point solver here beyond); the backend passes the
-    fused kernel. Either interior point is then finished exactly on its support.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
+    ``(..., T)``; each entry as the unbatched call gives it). ``losses`` (for the ``"loss"``
+    normalisations): ``(T,)``, or for a batch ``(..., T)`` (anything that broadcasts to ``G.shape[:-1]``:
+    a ``(T,)`` vector is shared). ``solve(G_hat, max_iter)`` finds the min-norm weights of one ``(T, T)``
+    problem for ``T ≥ 3`` (default: exact up to ``_supports.MAX_TASKS`` tasks, the interior-point solver
+    here beyond); the backend passes the fused kernel, which takes one problem: for a batch it is
+    ignored and the torch solvers run. Either interior point is then finished exactly on its support.
     """
     check_gram(G)
     check_normalization(normalization)
     check_reduction(reduction)
     if max_iter < 1:
         raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
-    T = G.shape[0]
+    batch, T = G.shape[:-2], G.shape[-1]
+    if G.dim() > 2:
+        solve = None
     if normalization == "none":
         # T = 2 has a closed form invariant to G's scale: no normalising (each op is µs on small problems).
         G_hat = G.detach().to(torch.float64) if T == 2 else normalized(G)
     else:
         G64 = symmetric64(G)
         norms = _normalizers(G64, normalization, losses)
-        G_hat = normalized(G64 / (norms[:, None] * norms[None, :]))
+        G_hat = normalized(G64 / (norms[..., :, None] * norms[..., None, :]))
+    # One batch dimension (1 for a single problem): an entry of a batch then runs the same kernels as
+    # the unbatched call, which keeps the two bit-identical.
+    G_hat = G_hat.reshape(-1, T, T)
     if T == 2:
         alpha = _min_norm_two(G_hat)
     elif solve is None and T <= _supports.MAX_TASKS:
         alpha = _supports.min_norm(G_hat)
+    elif solve is None:
+        alpha = _supports.polish_min_norm(G_hat, _min_norm(G_hat, max_iter))
     else:
-        # The interior point (the fused kernel's or the one here), finished exactly on its support.
-        alpha = _supports.polish_min_norm(G_hat, (solve or _min_norm)(G_hat, max_iter))
-    return to_reduction(alpha * T, reduction)
+        # The fused kernel's interior point (one problem), finished exactly on its support.
+        alpha = _supports.polish_min_norm(G_hat, solve(G_hat[0], max_iter)[None])
+    return to_reduction(alpha * T, reduction).reshape(*batch, T)
 
 
 def _normalizers(G: torch.Tensor, normalization: str, losses: torch.Tensor | Sequence[float] | None) -> torch.Tensor:
-    ones = torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
-    grad_norms = G.diagonal().clamp_min(0).sqrt()
+    """Each task's normaliser ``(..., T)`` for ``G`` ``(..., T, T)`` (1 where it is 0)."""
+    grad_norms = G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     if normalization == "l2":
         norms = grad_norms
     else:
         loss_values = as_losses(losses, G, needed_by=f'normalization="{normalization}"')
         norms = loss_values if normalization == "loss" else loss_values * grad_norms
-    return torch.where(norms == 0, ones, norms)
+    return torch.where(norms == 0, 1.0, norms)
 
 
 def _min_norm_two(G: torch.Tensor) -> torch.Tensor:
     # α₁ = (G₂₂ − G₁₂) / (G₁₁ + G₂₂ − 2G₁₂) clipped to [0, 1], ½ when the denominator is not positive.
     # With u = G(e₁ − e₂) = (G₁₁ − G₁₂, G₂₁ − G₂₂): α₁ = u₂ / (u₂ − u₁), whose denominator reads G₁₂
-    # and G₂₁ alike (a BLAS Gram can be asymmetric by ulps).
-    u = G[:, 0] - G[:, 1]
-    rise = torch.diff(u)  # u₂ − u₁, the denominator's negative
-    alpha = torch.where(rise < 0, (u[1:] / rise).clamp(0.0, 1.0), 0.5)
-    return torch.cat((alpha, 1 - alpha))
+    # and G₂₁ alike (a BLAS Gram can be asymmetric by ulps). G (..., 2, 2) → (..., 2).
+    u = G[..., :, 0] - G[..., :, 1]
+    rise = torch.diff(u, dim=-1)  # u₂ − u₁, the denominator's negative
+    alpha = torch.where(rise < 0, (u[..., 1:] / rise).clamp(0.0, 1.0), 0.5)
+    return torch.cat((alpha, 1 - alpha), dim=-1)
 
 
 def _min_norm(G: torch.Tensor, max_iter: int) -> torch.Tensor:
-    G2 = 2 * G  # f = wᵀGw: ∇f = 2Gw, ∇²f = 2G
+    """The interior point for ``G`` ``(..., T, T)``: ``(..., T)``."""
+    G2 = 2 * pad_square(G)  # f = wᵀGw: ∇f = 2Gw, ∇²f = 2G (padded: see minimize_on_simplex)
 
     def objective(w: torch.Tensor, t: float) -> LocalModel:
-        grad = G2 @ w
+        grad = matvec(G2, w)
 
         def slope(d: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
             # ∇f(w + s·d)·d = ∇f(w)·d + s·dᵀ(2G)d
-            return torch.addcmul(grad @ d, steps, d @ (G2 @ d))
+            return torch.addcmul(dot(grad, d).unsqueeze(-1), steps, dot(d, matvec(G2, d)).unsqueeze(-1))
 
         return LocalModel(grad, G2, slope)
 
-    return minimize_on_simplex(objective, G.shape[0], like=G, iterations=max_iter)
+    return minimize_on_simplex(objective, G.shape[-1], like=G2, iterations=max_iter)
 
 
 METHOD = Method(

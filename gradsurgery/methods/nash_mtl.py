@@ -93,13 +93,17 @@ def nash_mtl_weights(
     """Weights ``α`` (float64, on G's device) with ``d = αᵀJ`` the Nash-MTL update.
 
     ``α_i (Gα)_i = 1`` (intrinsic scale, ``‖d‖ = √T``); zero gradients get 0, and all weights are 0 when
-    no ``d`` improves every task. ``max_norm`` rescales ``d`` to at most that length.
+    no ``d`` improves every task. ``max_norm`` rescales ``d`` to at most that length. ``G`` is ``(T, T)``
+    or a batch ``(..., T, T)`` of independent problems, solved together (``α`` is ``(..., T)``; each entry
+    as the unbatched call gives it).
     """
     check_gram(G)
     check_nash_mtl_options(max_norm, max_iter)
     check_reduction(reduction)
+    batch, T = G.shape[:-2], G.shape[-1]
+    G = G.reshape(-1, T, T)  # one batch dimension: an entry runs the kernels of the unbatched call
     w = solve_power_system(G, 1.0, max_iter=max_iter).weights
-    return to_reduction(clip_to_norm(w, G, max_norm), reduction)
+    return to_reduction(clip_to_norm(w, G, max_norm), reduction).reshape(*batch, T)
 
 
 METHOD = Method(

@@ -86,9 +86,10 @@ def preference(pref_vector: Preference, G: torch.Tensor, *, name: str = "pref_ve
 
     A tensor is not read back (its shape is checked, its values are not: a negative or non-finite entry
     makes the weights NaN instead, see ``valid``); a sequence is validated on the host first. Pass a
-    tensor on G's device: building one from Python data is a copy from host memory.
+    tensor on G's device: building one from Python data is a copy from host memory. For a batch of Gram
+    matrices ``(..., T, T)`` it is still one ``(T,)`` vector, shared by every entry.
     """
-    T = G.shape[0]
+    T = G.shape[-1]
     if pref_vector is None:
         return torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
     if not isinstance(pref_vector, torch.Tensor):
@@ -100,7 +101,8 @@ def preference(pref_vector: Preference, G: torch.Tensor, *, name: str = "pref_ve
 
 
 def valid(weights: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``weights``, or NaN where the preference has a negative or non-finite entry (no host read)."""
+    """``weights`` (``(..., T)``), or NaN where the preference has a negative or non-finite entry (no host
+    read)."""
     ok = (p.isfinite() & (p >= 0)).all()
     return torch.where(ok, weights, torch.full_like(weights, float("nan")))
 
@@ -114,30 +116,37 @@ def upgrad_weights(
 ) -> torch.Tensor:
     """Weights ``w`` (float64, on G's device) with ``d = wᵀJ`` the UPGrad update, on the sum scale.
 
-    ``pref_vector``: the preference ``p`` (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a
-    sequence; ``max_iter``: the interior point's iterations beyond ``_cone.MAX_TASKS`` tasks.
+    ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
+    ``(..., T)``; each entry as the unbatched call gives it). ``pref_vector``: the preference ``p``
+    (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a sequence, the same for every entry of
+    a batch (an option, like the others); ``max_iter``: the interior point's iterations beyond
+    ``_cone.MAX_TASKS`` tasks.
     """
     check_gram(G)
     check_reduction(reduction)
     check_max_iter(max_iter)
-    T = G.shape[0]
+    batch, T = G.shape[:-2], G.shape[-1]
     p = preference(pref_vector, G)
-    G = symmetric64(G)  # the solver scales G itself (to a unit diagonal)
+    # One batch dimension (1 for a single problem): an entry of a batch then runs the same kernels as
+    # the unbatched call, which keeps the two bit-identical.
+    G = symmetric64(G.reshape(-1, T, T))  # the solver scales G itself (to a unit diagonal)
     if T == 2:
         w = _two_tasks(G, p)
     else:
-        w = T * (p @ _cone.project(G, torch.eye(T, dtype=torch.float64, device=G.device), max_iter=max_iter))
-    return to_reduction(w if pref_vector is None else valid(w, p), reduction)
+        V = _cone.project(G, torch.eye(T, dtype=torch.float64, device=G.device), max_iter=max_iter)
+        w = T * (p[:, None] * V).sum(dim=-2)  # pᵀV, entry by entry (see _cone's batched linear algebra)
+    w = w if pref_vector is None else valid(w, p)
+    return to_reduction(w, reduction).reshape(*batch, T)
 
 
 def _two_tasks(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     # v*(e_i) is e_i plus r_i = −G_ij/G_jj on the other task j when they conflict (G_ij < 0, and then
     # G_jj > 0): the projection of g_i onto {d : g_jᵀd ≥ 0}, which is inside K (g_iᵀd = G_ii − G_ij²/G_jj
-    # ≥ 0 by Cauchy–Schwarz). So w = 2·(p_1 + p_2·r_2, p_2 + p_1·r_1).
-    removed = G[0, 1].neg().clamp_min(0)
-    r = torch.where(removed > 0, removed / G.diagonal().flip(0), 0.0)
-    w = (p + (p * r).flip(0)).mul_(2)
-    return torch.where(G.isfinite().all(), w, float("nan"))
+    # ≥ 0 by Cauchy–Schwarz). So w = 2·(p_1 + p_2·r_2, p_2 + p_1·r_1). G (..., 2, 2) → (..., 2).
+    removed = G[..., 0, 1].neg().clamp_min(0)[..., None]
+    r = torch.where(removed > 0, removed / G.diagonal(dim1=-2, dim2=-1).flip(-1), 0.0)
+    w = (p + (p * r).flip(-1)).mul_(2)
+    return torch.where(G.isfinite().all(dim=-1).all(dim=-1, keepdim=True), w, float("nan"))
 
 
 METHOD = Method(
