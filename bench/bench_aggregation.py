@@ -19,9 +19,17 @@ Random, Nash-MTL; ConFIG, which has only an aggregator), on the ``T × T`` Chole
 differently). Targets: ours ≤ 0.5× TorchJD for the QP-based methods (:data:`QP_BASED`), ≤ 1× for the
 others.
 
-    python -m bench.bench_aggregation              # both, ~5 minutes on 1 thread
+**Blocks** (``granularity=``'s aggregation alone; PCGrad/CAGrad/MGDA). ``J`` cut into ``B = 64`` equal
+blocks of columns (:func:`equal_blocks`): the per-block Gram matrices
+(``gradsurgery.backend.gram_blocks``), the method's weights batched on the ``(64, T, T)`` stack, the
+per-block combine (``backend.combine_blocks``) and the three in a row, each beside the same on one
+block (``backend.gram``, the weights on ``(T, T)``, ``backend.combine``): at ``T = 8`` for
+``P ∈ {1M, 4M, 16M}`` and at ``T ∈ {2, 32}`` for ``P = 4M``, one interleaved run each
+(:func:`block_variants`). Target: 64 blocks ≤ 1.10× one block at ``T = 8``.
+
+    python -m bench.bench_aggregation              # all three, ~7 minutes on 1 thread
     python -m bench.bench_aggregation --quick      # small sizes, seconds (a smoke test)
-    python -m bench.bench_aggregation --only weights   # or: grid
+    python -m bench.bench_aggregation --only weights   # or: grid, blocks
 
 Rows are appended to ``bench/results/aggregation.jsonl``.
 """
@@ -44,8 +52,12 @@ import torch
 import gradsurgery as gs
 from bench import harness
 from bench.methods import CAGRAD_C, ORIGINAL, aggregate_function, lookup, names_of, weights_function
+from gradsurgery import backend
+from gradsurgery.kernels.blocks import BlockLayout
 from bench.peers import torchjd_aggregator, torchjd_peer, torchjd_weighting
 
+BLOCKS = 64  # the blocks benchmark's number of blocks
+BLOCKS_BOUND = 1.10  # the issue's: 64 blocks ≤ 1.10× one block (T = 8)
 RANK = 8  # J = noise + a rank-8 mixture: rows with positive and negative inner products (conflicts)
 QP_BASED = ("UPGrad", "DualProj", "NashMTL")  # wrapper names; the issue's ≤ 0.5× TorchJD target
 QP_BOUND, OTHER_BOUND = 0.5, 1.0
@@ -60,6 +72,53 @@ def make_J(T: int, P: int, *, seed: int = 0) -> torch.Tensor:
     basis = torch.randn(RANK, P, generator=g)
     J.mul_(0.3).addmm_(mixing, basis)
     return J
+
+
+def equal_blocks(P: int, B: int) -> BlockLayout:
+    """``B`` blocks of consecutive columns of (nearly) equal width over ``P`` columns."""
+    edges = [round(i * P / B) for i in range(B + 1)]
+    return BlockLayout([[(edges[i], edges[i + 1])] for i in range(B)])
+
+
+def block_variants(
+    J: torch.Tensor, methods: tuple[str, ...] = ORIGINAL, *, blocks: int = BLOCKS
+) -> dict[str, Callable[[], object]]:
+    """The phases of the aggregation on one block and on ``blocks`` equal blocks of ``J``'s columns, and
+    the whole aggregation of each method both ways (what ``granularity=`` runs per step, from the same
+    backend functions):
+
+    ``gram1`` / ``gram{B}``: ``backend.gram`` / ``backend.gram_blocks``; ``weights1-{m}`` /
+    ``weights{B}-{m}``: the method's weights (``bench.methods.weights_function``) on ``(T, T)`` / on the
+    ``(B, T, T)`` stack, one batched call; ``combine1`` / ``combine{B}``: ``backend.combine`` /
+    ``backend.combine_blocks`` into a preallocated ``P``-vector; ``agg1-{m}`` / ``agg{B}-{m}``: the three
+    in a row.
+    """
+    T, P = J.shape
+    layout = equal_blocks(P, blocks)
+    out = torch.empty(P)
+    G1, GB = backend.gram(J), backend.gram_blocks(J, layout)
+    w1, WB = torch.ones(T), torch.ones(blocks, T)
+    B = blocks
+    variants: dict[str, Callable[[], object]] = {
+        "gram1": lambda: backend.gram(J),
+        f"gram{B}": lambda: backend.gram_blocks(J, layout),
+        "combine1": lambda: backend.combine(w1, J, out),
+        f"combine{B}": lambda: backend.combine_blocks(WB, J, out, layout),
+    }
+    for m in methods:
+        weights = weights_function(m)
+        variants[f"weights1-{m}"] = lambda f=weights: f(G1)
+        variants[f"weights{B}-{m}"] = lambda f=weights: f(GB)
+
+        def one(f: Callable[[torch.Tensor], torch.Tensor] = weights) -> torch.Tensor:
+            return backend.combine(f(backend.gram(J)).to(J.dtype), J, out)
+
+        def per_block(f: Callable[[torch.Tensor], torch.Tensor] = weights) -> torch.Tensor:
+            return backend.combine_blocks(f(backend.gram_blocks(J, layout)).to(J.dtype), J, out, layout)
+
+        variants[f"agg1-{m}"] = one
+        variants[f"agg{B}-{m}"] = per_block
+    return variants
 
 
 def torchjd_aggregators(methods: tuple[str, ...], T: int) -> tuple[dict[str, object], dict[str, str]]:
@@ -309,6 +368,81 @@ def bench_weights(args: argparse.Namespace) -> list[list[object]]:
     return table
 
 
+def bench_blocks(args: argparse.Namespace) -> list[list[object]]:
+    """Per ``(T, P)``: 64 blocks ÷ one block, the whole aggregation and each phase, in one interleaved run."""
+    table = []
+    B = BLOCKS
+    for T, P in args.blocks_cases:
+        J = make_J(T, P)
+        variants = block_variants(J, ORIGINAL, blocks=B)
+        inner = _inner_counts(variants)
+        started = time.perf_counter()
+        times = harness.interleave(
+            variants, warmup=1, rounds=args.max_rounds, min_rounds=3, budget_s=args.blocks_budget, inner=inner
+        )
+        elapsed = time.perf_counter() - started
+        summary = harness.summarize(times)
+        ms = {name: summary[name]["median_s"] * 1e3 for name in variants}
+        phases = {
+            "gram": harness.ratio(times, f"gram{B}", "gram1"),
+            "combine": harness.ratio(times, f"combine{B}", "combine1"),
+        }
+        ratios: dict[str, Any] = {}
+        for m in ORIGINAL:
+            r = harness.ratio(times, f"agg{B}-{m}", f"agg1-{m}")
+            within = [v <= BLOCKS_BOUND for v in r.values()]
+            surplus = ms[f"agg{B}-{m}"] - ms[f"agg1-{m}"]
+            ratios[m] = {
+                "over_one_block": r,
+                "weights_over_one": harness.ratio(times, f"weights{B}-{m}", f"weights1-{m}"),
+                # where the extra time of the 64 blocks goes (ms, medians): each phase's difference
+                "extra_ms": {
+                    "total": surplus,
+                    "gram": ms[f"gram{B}"] - ms["gram1"],
+                    "weights": ms[f"weights{B}-{m}"] - ms[f"weights1-{m}"],
+                    "combine": ms[f"combine{B}"] - ms["combine1"],
+                },
+                # the weights' cost the bound leaves: 10% of the one-block aggregation, less the other phases' extra
+                "weights_budget_ms": (BLOCKS_BOUND - 1) * ms[f"agg1-{m}"]
+                - (ms[f"gram{B}"] - ms["gram1"])
+                - (ms[f"combine{B}"] - ms["combine1"]),
+                "bound": BLOCKS_BOUND if T == 8 else None,
+                "met": None if T != 8 else "yes" if all(within) else "no" if not any(within) else "mixed",
+            }
+            table.append(
+                [
+                    m, T, f"{P / 1e6:g}M", ms[f"agg1-{m}"], ms[f"agg{B}-{m}"], r["of_medians"], r["median_paired"],
+                    ms["gram1"], ms[f"gram{B}"], ms[f"weights1-{m}"], ms[f"weights{B}-{m}"], ms["combine1"],
+                    ms[f"combine{B}"], ratios[m]["met"],
+                ]
+            )  # fmt: skip
+        harness.record(
+            args.out,
+            {
+                "bench": "aggregation",
+                "kind": "blocks",
+                "T": T,
+                "P": P,
+                "blocks": B,
+                "dtype": "float32",
+                "device": "cpu",
+                "cagrad_c": CAGRAD_C,
+                "note": f"bench_aggregation.block_variants: {B} equal column blocks (backend.gram_blocks, the "
+                "weights batched on (B, T, T), backend.combine_blocks) vs one block (backend.gram, the weights "
+                "on (T, T), backend.combine); torch path (CPU)",
+                "phases": phases,
+                "ratios": ratios,
+                "inner_calls": inner,
+                "wall_s": elapsed,
+                "variants": summary,
+            },
+        )
+        print(f"  blocks T={T} P={P / 1e6:g}M: {elapsed:.0f}s, {summary['gram1']['rounds']} rounds", flush=True)
+        del J, variants
+        gc.collect()
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test); not recorded unless --out")
@@ -316,16 +450,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per grid configuration")
     parser.add_argument("--weights-budget", type=float, default=30.0, help="seconds of timed rounds per T (weights)")
     parser.add_argument("--max-rounds", type=int, default=15)
-    parser.add_argument("--only", choices=("grid", "weights"), default=None, help="run one of the two parts")
+    parser.add_argument("--blocks-budget", type=float, default=20.0, help="seconds of timed rounds per blocks case")
+    parser.add_argument("--only", choices=("grid", "weights", "blocks"), default=None, help="run one of the parts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # TorchJD's Nash-MTL warns on every solve that its cvxpy problem is not DPP.
     warnings.filterwarnings("ignore", message=".*not DPP.*")
     args.weights_T = [2, 8, 32]
+    args.blocks_cases = [(8, 1_000_000), (8, 4_000_000), (8, 16_000_000), (2, 4_000_000), (32, 4_000_000)]
     if args.quick:
         args.T, args.P, args.weights_T = [2, 8], [100_000, 400_000], [2, 8]
-        args.budget, args.weights_budget, args.max_rounds = 1.0, 2.0, 5
+        args.blocks_cases = [(8, 100_000), (2, 100_000)]
+        args.budget, args.weights_budget, args.blocks_budget, args.max_rounds = 1.0, 2.0, 1.0, 5
         args.out = args.out or Path("/tmp/gradsurgery-bench-quick/aggregation.jsonl")
     else:
         args.T, args.P = [2, 8, 32], [1_000_000, 4_000_000, 16_000_000]
@@ -356,6 +493,16 @@ def main(argv: list[str] | None = None) -> None:
                 ["method", "T", "ours ms", "TorchJD ms", "ours/TorchJD", "paired", "cos", "bound", "met"], wtable
             )
         )
+    if args.only in (None, "blocks"):
+        btable = bench_blocks(args)
+        print(f"\n{BLOCKS} blocks ÷ one block, aggregation alone (same run per case; ms are medians)")
+        print(
+            harness.format_table(
+                ["method", "T", "P", "1 block ms", f"{BLOCKS} ms", "ratio", "paired", "gram1", f"gram{BLOCKS}",
+                 "weights1", f"weights{BLOCKS}", "combine1", f"combine{BLOCKS}", "met (T=8)"],
+                btable,
+            )
+        )  # fmt: skip
     print(f"\nrecorded to {args.out}; total {time.perf_counter() - started:.0f}s")
 
 

@@ -5,12 +5,15 @@ step (naive summation, the T-backward floor, our wrappers in three modes, TorchJ
 pytorch-optimizer) are described in ``bench.suite.variants``. The original three methods (PCGrad,
 CAGrad, MGDA) run on every problem; every other method of ``gradsurgery.methods.REGISTRY`` runs on the
 MLP at ``T = 8`` (``EVERY_METHOD_T``): the gradient methods with the loop engine, the loss-weighting
-ones as their one backward. Also: the tiny-problem overhead over the 2-backward
+ones as their one backward, beside TorchJD's scalarizers. The speed issues' other cases run on the MLP
+too: the loss-weighting methods again at ``T = 16``; ``every=4`` (PCGrad, CAGrad, MGDA) and per-block
+surgery (``granularity="module"`` and ``"parameter"``) at ``T = 8``; ``every=8`` and
+``tasks_per_step=4`` at ``T = 16`` (``EXTRA``). Also: the tiny-problem overhead over the 2-backward
 floor (``bench.tiny``), and, for the MLP at T = 8 and the conv model, the peak extra resident memory in a
 fresh process (``bench.suite.measure``). Every target of the issues is checked against the run
 (``bench.suite.targets``); ``bench.suite.report`` prints and writes the tables and the plot.
 
-    python -m bench.bench_suite            # ~9 minutes on 1 thread; records, writes the tables and the plot
+    python -m bench.bench_suite            # ~13 minutes on 1 thread; records, writes the tables and the plot
     python -m bench.bench_suite --quick    # a smoke run (~1 min) into /tmp/gradsurgery-bench-suite/
     python -m bench.bench_suite --report   # rewrite suite.md and the plot from the last recorded run
     python -m bench.bench_suite --report --run 20261201T011935Z   # ... from that recorded run
@@ -39,9 +42,22 @@ from bench.suite.measure import MEMORY_KINDS, bench_memory, bench_time, bench_ti
 from bench.suite.profile import profile
 from bench.suite.report import load_last_run, render
 from bench.suite.targets import targets
-from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, Spec
+from bench.suite.variants import (
+    EVERY_METHOD_KINDS,
+    GRANULARITY_KINDS,
+    KINDS,
+    LOSS_KINDS,
+    LOSS_PEER_KINDS,
+    Spec,
+    cheap_kinds,
+)
 
 EVERY_METHOD_T = 8  # the MLP's T at which every registered method is timed
+# The variants timed on the MLP at one T beside KINDS (the issues' cases; bench.suite.targets checks them).
+EXTRA: dict[int, tuple[str, ...]] = {
+    EVERY_METHOD_T: (*EVERY_METHOD_KINDS, *LOSS_KINDS, *LOSS_PEER_KINDS, *cheap_kinds(every=4), *GRANULARITY_KINDS),
+    16: (*LOSS_KINDS, *LOSS_PEER_KINDS, *cheap_kinds(every=8, tasks_per_step=4)),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         mlp = [Spec("mlp", T, 32, width=128) for T in (2, 3)]
         conv = Spec("conv", 3, 16)
-        # (warm-up rounds, seconds of timed rounds, every registered method too)
-        plan = {mlp[0]: (1, 1.5, False), mlp[1]: (1, 3.0, True), conv: (1, 1.5, False)}
+        # (warm-up rounds, seconds of timed rounds, the variants timed beside KINDS)
+        extra = (*EXTRA[8], *cheap_kinds(every=2, tasks_per_step=2))
+        plan = {mlp[0]: (1, 1.5, ()), mlp[1]: (1, 3.0, extra), conv: (1, 1.5, ())}
         memory_specs = [mlp[-1]]
         memory_kinds: tuple[str, ...] = ("naive", "gs-pcgrad-loop", "gs-pcgrad-loop-bf16", "torchjd-pcgrad")
         tiny_rounds, tiny_budget = 40, 1.0
@@ -76,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         mlp = [Spec("mlp", T, 256) for T in (2, 4, 8, 16)]
         conv = Spec("conv", 3, 128)
-        plan = {spec: (1, budget, spec.T == EVERY_METHOD_T) for spec, budget in zip(mlp, (35.0, 50.0, 110.0, 65.0))}
-        plan[conv] = (1, 40.0, False)
+        budgets = (35.0, 50.0, 160.0, 130.0)
+        plan = {spec: (1, budget, EXTRA.get(spec.T, ())) for spec, budget in zip(mlp, budgets)}
+        plan[conv] = (1, 40.0, ())
         memory_specs = [mlp[2], conv]
         memory_kinds = MEMORY_KINDS
         tiny_rounds, tiny_budget = 1500, 15.0
@@ -106,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"versions: {ctx['versions']}  git: {ctx['git']}  torch threads: {torch.get_num_threads()}", flush=True)
 
     rows = []
-    for spec, (warmup, budget, every) in plan.items():
-        kinds = (*KINDS, *EVERY_METHOD_KINDS, *LOSS_KINDS) if every else KINDS
+    for spec, (warmup, budget, extra) in plan.items():
+        kinds = (*KINDS, *extra)
         rows.append(bench_time(spec, kinds, warmup=warmup, budget_s=budget, out=out, run_id=run_id))
     tiny = bench_tiny(rounds=tiny_rounds, budget_s=tiny_budget, out=out, run_id=run_id)
     print("  tiny: done", flush=True)

@@ -3,6 +3,9 @@ the same way by every benchmark.
 
 Keyed by our wrapper name; a registered method missing here has no TorchJD counterpart that computes
 the same thing (GradDrop's is elementwise on ``J`` and draws differently; it is timed on ``J`` only).
+Gradient methods map to an aggregator / weighting of ``torchjd.aggregation`` (:class:`TorchJDPeer`),
+loss-weighting methods to a scalarizer of ``torchjd.scalarization`` (:class:`TorchJDScalarizer`,
+TorchJD ≥ 0.18).
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from typing import Any, Callable, Mapping
 
 from bench.methods import CAGRAD_C, lookup, method_options
 
-__all__ = ["CAGRAD_C", "TorchJDPeer", "torchjd_aggregator", "torchjd_peer", "torchjd_weighting"]
+__all__ = [
+    "CAGRAD_C",
+    "TorchJDPeer",
+    "TorchJDScalarizer",
+    "torchjd_aggregator",
+    "torchjd_peer",
+    "torchjd_scalarizer",
+    "torchjd_scalarizer_peer",
+    "torchjd_weighting",
+]
 
 
 @dataclass(frozen=True)
@@ -91,3 +103,63 @@ def _required(name: str) -> TorchJDPeer:
     if peer is None:
         raise ValueError(f"TorchJD has no counterpart of {lookup(name).name} here")
     return peer
+
+
+@dataclass(frozen=True)
+class TorchJDScalarizer:
+    """How TorchJD computes one of our loss-weighting methods: a scalarizer (``torchjd.scalarization``)
+    whose value is backpropagated once, as ours is.
+
+    ``scalarizer``: its class. ``options``: its keywords from ours and ``T``. ``learnable``: it holds
+    parameters (UW's log-variances, IMTL-L's scales) that its users add to the optimizer, as our wrapper
+    adds ours. ``update``: FAMO's documented loop, ``update(losses)`` with the losses of a second forward
+    pass on the same batch after ``optimizer.step()`` (ours takes the next step's losses instead and runs
+    no extra forward: ``gradsurgery/methods/famo.py``). ``epoch_step``: DWA's ``step()``, called after
+    every batch to roll its history as ours does with its default ``period=1``. ``matches``: whether our
+    options (the benchmarks') have a counterpart there.
+    """
+
+    scalarizer: str
+    options: Callable[[Mapping[str, Any], int], dict[str, Any]] = lambda ours, T: {}
+    learnable: bool = False
+    update: bool = False
+    epoch_step: bool = False
+    matches: Callable[[Mapping[str, Any]], bool] = lambda ours: True
+
+
+_SCALARIZERS: dict[str, TorchJDScalarizer] = {
+    # 0.5·(e^{-s}L + s): ours without the 1/2 (a constant factor of the objective).
+    "UW": TorchJDScalarizer("UW", lambda ours, T: {"shape": T}, learnable=True),
+    "DWA": TorchJDScalarizer(
+        "DWA", lambda ours, T: {"temperature": ours["temperature"]}, epoch_step=True, matches=lambda ours: ours["period"] == 1
+    ),
+    "FAMO": TorchJDScalarizer(
+        "FAMO", lambda ours, T: {"shape": T, "lr": ours["w_lr"], "weight_decay": ours["gamma"]}, update=True
+    ),
+    # exp(mean log L): ours times T (the sum scale).
+    "GeometricMean": TorchJDScalarizer("GeometricMean"),
+    "IMTLL": TorchJDScalarizer("IMTLL", lambda ours, T: {"shape": T}, learnable=True),
+    # softmax(randn)-weighted sum: ours times T.
+    "RLWLoss": TorchJDScalarizer("Random"),
+    # μ'·logsumexp(L/(T·μ')) with uniform preferences 1/T: ours with μ' = μ/T, divided by T².
+    "STCH": TorchJDScalarizer(
+        "STCH", lambda ours, T: {"mu": ours["mu"] / T}, matches=lambda ours: ours["ideal"] == "zero" and ours["warmup"] == 0
+    ),
+}
+
+
+def torchjd_scalarizer_peer(name: str) -> TorchJDScalarizer | None:
+    """TorchJD's scalarizer for our loss-weighting method ``name``, if it has one for the benchmarks' options."""
+    peer = _SCALARIZERS.get(lookup(name).name)
+    return peer if peer is not None and peer.matches(_our_options(name)) else None
+
+
+def torchjd_scalarizer(name: str, T: int) -> Any:
+    """TorchJD's scalarizer of ``name`` for ``T`` tasks (an ``nn.Module``: its parameters, if any, go to
+    the optimizer; see :class:`TorchJDScalarizer` for what its loop calls besides it)."""
+    from torchjd import scalarization
+
+    peer = torchjd_scalarizer_peer(name)
+    if peer is None:
+        raise ValueError(f"TorchJD has no scalarizer computing {lookup(name).name} here")
+    return getattr(scalarization, peer.scalarizer)(**peer.options(_our_options(name), T))

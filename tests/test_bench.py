@@ -13,6 +13,7 @@ import gradsurgery as gs
 from bench import methods as bm
 from gradsurgery.methods import REGISTRY
 
+ROOT = Path(__file__).resolve().parent.parent
 NAMES = [method.function or method.name.lower() for method in REGISTRY]
 GRAM = [name for name in NAMES if bm.kind(name) == "gram"]
 
@@ -228,3 +229,196 @@ def test_a_memory_variant_that_failed_is_reported_not_checked() -> None:
     _, body = memory_table([mem])
     assert ["gs-pcgrad-loop", "failed", "failed"] in body
     assert targets([], [mem], None) == []
+
+
+# ---------------------------------------------------------------------- cheap modes, granularity, loss peers
+
+
+def test_variant_suffixes_are_the_wrapper_options() -> None:
+    from bench.suite.variants import Spec, build, wrapper_options
+
+    model, _, _ = build(Spec("mlp", 3, 4, width=8, inputs=4))
+    assert wrapper_options("gs-pcgrad-loop", model) == {"engine": "loop"}
+    assert wrapper_options("gs-pcgrad-repr", model) == {}
+    assert wrapper_options("gs-pcgrad-loop-every4", model) == {"engine": "loop", "every": 4}
+    assert wrapper_options("gs-mgda-loop-tps3", model) == {"engine": "loop", "tasks_per_step": 3}
+    assert wrapper_options("gs-cagrad-loop-module", model) == {
+        "engine": "loop",
+        "granularity": "module",
+        "shared": model.trunk,
+    }
+    assert wrapper_options("gs-cagrad-loop-parameter", model) == {"engine": "loop", "granularity": "parameter"}
+    assert wrapper_options("gs-pcgrad-loop-bf16", model)["storage_dtype"] is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown option 'everyk'"):
+        wrapper_options("gs-pcgrad-loop-everyk", model)
+
+
+@pytest.mark.parametrize("kind", ["gs-pcgrad-loop-every3", "gs-mgda-loop-tps2", "gs-cagrad-loop-module", "gs-mgda-loop-parameter"])
+def test_cheap_and_granularity_variants_build_the_wrapper_they_name(kind: str) -> None:
+    from bench.suite.variants import Spec, make_step, period_of, period_sample
+
+    step = make_step(Spec("mlp", 3, 4, width=8, inputs=4), kind)
+    sample = period_sample(step)
+    sample()
+    sample()
+    wrapper = step.wrapper
+    assert period_of(step) == (3 if kind.endswith("every3") else 1)
+    assert (wrapper.every, wrapper.tasks_per_step) == ((3, None) if "every" in kind else (1, 2) if "tps" in kind else (1, None))
+    if kind.endswith(("module", "parameter")):
+        assert wrapper.blocks is not None and len(wrapper.blocks) == (3 if kind.endswith("module") else 6)
+
+
+def test_a_sample_of_an_every_variant_is_one_whole_period() -> None:
+    from bench.suite.variants import Spec, make_step, period_sample
+
+    step = make_step(Spec("mlp", 3, 4, width=8, inputs=4), "gs-pcgrad-loop-every3")
+    sample = period_sample(step)
+    sample()  # refresh, cheap, cheap
+    step()  # out of phase: the next sample would start with a cheap step
+    with pytest.raises(RuntimeError, match="not one period"):
+        sample()
+
+
+def test_the_ideal_every_step_is_one_floor_and_k_minus_one_naive_steps() -> None:
+    from bench.suite.measure import ideal_every
+
+    times = {"naive": [1.0, 2.0, 1.0], "floor": [5.0, 5.0, 10.0], "gs-x-loop-every4": [0.0] * 3}
+    ideal = ideal_every(times, {"naive": 1, "floor": 1, "gs-x-loop-every4": 4})
+    assert ideal["every4"]["of_medians"] == pytest.approx((5 + 3 * 1) / 20)
+    assert ideal["every4"]["median_paired"] == pytest.approx(statistics_median([8 / 20, 11 / 20, 13 / 40]))
+
+
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def test_the_cheap_granularity_and_loss_targets_are_checked() -> None:
+    from bench.suite.targets import targets
+    from bench.suite.variants import LOSS_KINDS
+
+    def ratio(x: float) -> dict[str, float]:
+        return {"of_medians": x, "median_paired": x}
+
+    row8 = {
+        "model": "mlp",
+        "T": 8,
+        "ratios": {
+            "gs-pcgrad-loop-every4": {"over_floor": ratio(0.44)},
+            "gs-mgda-loop-every4": {"over_floor": ratio(0.46)},
+            "gs-pcgrad-loop-module": {"over_whole": ratio(1.01)},
+            "gs-mgda-loop-parameter": {"over_whole": ratio(1.03)},
+            LOSS_KINDS[0]: {"over_naive": ratio(1.04)},
+        },
+    }
+    row16 = {
+        "model": "mlp",
+        "T": 16,
+        "ratios": {
+            "gs-cagrad-loop-every8": {"over_floor": ratio(0.24)},
+            "gs-cagrad-loop-tps4": {"over_floor": ratio(0.31)},
+            "gs-cagrad-loop-every4": {"over_floor": ratio(0.9)},  # no bound at (16, 4): not checked
+            LOSS_KINDS[1]: {"over_naive": ratio(1.06)},
+        },
+    }
+    checks = {c["case"]: (c["bound"], c["met"]) for c in targets([row8, row16], [], None)}
+    assert checks == {
+        "mlp T=8 gs-pcgrad-loop-every4": (0.45, "yes"),
+        "mlp T=8 gs-mgda-loop-every4": (0.45, "no"),
+        "mlp T=8 gs-pcgrad-loop-module ÷ gs-pcgrad-loop": (1.02, "yes"),
+        "mlp T=8 gs-mgda-loop-parameter ÷ gs-mgda-loop": (1.02, "no"),
+        f"mlp T=8 {LOSS_KINDS[0]}": (1.05, "yes"),
+        "mlp T=16 gs-cagrad-loop-every8": (0.25, "yes"),
+        "mlp T=16 gs-cagrad-loop-tps4": (0.30, "no"),
+        f"mlp T=16 {LOSS_KINDS[1]}": (1.05, "no"),
+    }
+
+
+LOSS = [name for name in NAMES if bm.kind(name) == "loss"]
+
+
+@pytest.mark.parametrize("name", LOSS)
+def test_a_torchjd_scalarizer_gives_our_update_direction(name: str) -> None:
+    """Ours and TorchJD's scalarizer of the same method backpropagate proportional objectives: on the
+    first step the shared parameters' gradients point the same way (a random method aside)."""
+    pytest.importorskip("torchjd.scalarization")
+    from bench.peers import torchjd_scalarizer, torchjd_scalarizer_peer
+    from bench.suite.variants import LOSS_PEER_KINDS, Spec, build, forward, make_step
+
+    if torchjd_scalarizer_peer(name) is None:
+        assert f"torchjd-{name}" not in LOSS_PEER_KINDS
+        pytest.skip(f"TorchJD has no scalarizer for {bm.lookup(name).name}")
+    assert f"torchjd-{name}" in LOSS_PEER_KINDS
+    spec = Spec("mlp", 3, 16, width=8, inputs=4)
+    step = make_step(spec, f"torchjd-{name}")  # the suite's variant runs (FAMO's update, DWA's step included)
+    step()
+    step()
+    ours_model, x, y = build(spec)
+    theirs_model, _, _ = build(spec)
+    ours = bm.make_wrapper(name, torch.optim.SGD(ours_model.parameters(), lr=0.0), num_tasks=3)
+    ours.zero_grad()
+    ours.backward(forward(spec, ours_model, x, y)[1])
+    theirs = torchjd_scalarizer(name, 3)
+    theirs(torch.stack(forward(spec, theirs_model, x, y)[1])).backward()
+    a = torch.cat([p.grad.flatten() for p in ours_model.trunk.parameters()])
+    b = torch.cat([p.grad.flatten() for p in theirs_model.trunk.parameters()])
+    assert torch.isfinite(b).all()
+    if not bm.lookup(name).random:
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 1 - 1e-5
+
+
+@pytest.mark.parametrize("method", bm.ORIGINAL)
+def test_the_block_aggregation_is_the_method_on_each_block(method: str) -> None:
+    from bench.bench_aggregation import block_variants, equal_blocks
+
+    T = 2 if method == "pcgrad" else 4  # PCGrad draws no order at T = 2
+    J = torch.randn(T, 1000, generator=torch.Generator().manual_seed(3))
+    variants = block_variants(J, (method,), blocks=5)
+    layout = equal_blocks(1000, 5)
+    assert [spans for spans in layout.blocks] == [[(200 * b, 200 * (b + 1))] for b in range(5)]
+    d = variants[f"agg5-{method}"]()
+    for start, stop in (spans[0] for spans in layout.blocks):
+        block = J[:, start:stop]
+        w = bm.weights_function(method)(gs.functional.gram(block))
+        torch.testing.assert_close(d[start:stop], w.to(J.dtype) @ block, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(variants[f"agg1-{method}"](), bm.aggregate_function(method)(J), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the pytest-benchmark suites (bench/speed)
+
+
+def test_the_default_pytest_run_leaves_the_speed_suites_to_pytest_bench() -> None:
+    """``python -m pytest`` collects tests/ only; ``pytest bench/ --benchmark-only`` needs pyproject's
+    addopts free of --benchmark-disable (pytest-benchmark refuses the pair)."""
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["testpaths"] == ["tests"]
+    assert "--benchmark-disable" not in options.get("addopts", "")
+    assert sorted(p.name for p in (ROOT / "bench" / "speed").glob("test_*.py")) == ["test_aggregation.py", "test_step.py"]
+
+
+def test_a_tiny_pytest_benchmark_run_groups_each_method_beside_naive_and_floor(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "pytest", "bench/speed", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+        "--bench-size", "tiny", "--bench-T", "3", "--bench-methods", "pcgrad,famo", "--bench-modes", "loop,every2",
+        "--benchmark-min-rounds", "1", "--benchmark-max-time", "0.000001", "--benchmark-json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    groups: dict[str, set[str]] = {}
+    for entry in report["benchmarks"]:
+        groups.setdefault(entry["group"], set()).add(entry["extra_info"]["kind"])
+    assert groups == {
+        "step mlp T=3 tiny": {"naive", "floor", "gs-pcgrad-loop", "gs-pcgrad-loop-every2", "gs-famo"},
+        "aggregation T=3 P=0.02M": {"naive", "floor", "ours-pcgrad", "blocks64-pcgrad"},
+    }
+    every = next(e for e in report["benchmarks"] if e["extra_info"]["kind"] == "gs-pcgrad-loop-every2")
+    assert every["extra_info"]["steps_per_round"] == 2 and every["stats"]["iterations"] == 2
+    assert report["gradsurgery"]["torch_threads"] == 1 and "library_digest" in report["gradsurgery"]["git"]

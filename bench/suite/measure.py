@@ -14,7 +14,7 @@ import torch
 
 from bench import harness
 from bench.methods import CAGRAD_C, engine_in_use
-from bench.suite.variants import LR, Spec, make_step, method_of, shared_numel
+from bench.suite.variants import GRANULARITIES, LR, Spec, make_step, method_of, period_of, period_sample, shared_numel
 from bench.tiny import TINY_KINDS, make_tiny_step
 
 MMAP_THRESHOLD = 1 << 17  # glibc's default before it adapts: large tensors mapped alone, unmapped when freed
@@ -41,8 +41,15 @@ def peer_of(kind: str, prefix: str) -> str:
     return f"{prefix}-{method_of(kind)}"
 
 
+def whole_of(kind: str) -> str | None:
+    """The whole-model variant of a per-block one: ``gs-pcgrad-loop-module`` → ``gs-pcgrad-loop``."""
+    base, _, option = kind.rpartition("-")
+    return base if kind.startswith("gs-") and option in GRANULARITIES else None
+
+
 def ratios_of(times: dict[str, list[float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per variant, its same-run ratios: ÷ naive, ÷ floor, and ours ÷ each peer of the same method."""
+    """Per variant, its same-run ratios: ÷ naive, ÷ floor, ours ÷ each peer of the same method (a
+    TorchJD scalarizer for a loss-weighting method), and a per-block variant ÷ its whole-model one."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for kind in times:
         entry = {"over_naive": harness.ratio(times, kind, "naive"), "over_floor": harness.ratio(times, kind, "floor")}
@@ -52,7 +59,22 @@ def ratios_of(times: dict[str, list[float]]) -> dict[str, dict[str, dict[str, fl
             for label, prefix in PEERS:
                 if peer_of(kind, prefix) in times:
                     entry[label] = harness.ratio(times, kind, peer_of(kind, prefix))
+            whole = whole_of(kind)
+            if whole in times:
+                entry["over_whole"] = harness.ratio(times, kind, whole)
         out[kind] = entry
+    return out
+
+
+def ideal_every(times: dict[str, list[float]], periods: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Per period ``k`` in the run, the ideal ``every=k`` step ÷ the floor: one floor step and ``k − 1``
+    naive steps, ``(floor + (k − 1)·naive) / (k·floor)``, from the medians and per round (paired)."""
+    out = {}
+    for k in sorted(set(periods.values()) - {1}):
+        naive, floor = times["naive"], times["floor"]
+        paired = [(f + (k - 1) * n) / (k * f) for n, f in zip(naive, floor)]
+        medians = (statistics.median(floor) + (k - 1) * statistics.median(naive)) / (k * statistics.median(floor))
+        out[f"every{k}"] = {"of_medians": medians, "median_paired": statistics.median(paired)}
     return out
 
 
@@ -70,9 +92,13 @@ def bench_time(
     spec: Spec, kinds: tuple[str, ...], *, warmup: int, budget_s: float, out: Path, run_id: str
 ) -> dict[str, Any]:
     variants = {kind: make_step(spec, kind) for kind in kinds}
+    periods = {kind: period_of(step) for kind, step in variants.items()}
+    samples = {kind: period_sample(step) for kind, step in variants.items()}
     started = time.perf_counter()
-    times = harness.interleave(variants, warmup=warmup, rounds=60, min_rounds=3, budget_s=budget_s)
+    times = harness.interleave(samples, warmup=warmup, rounds=60, min_rounds=3, budget_s=budget_s)
     elapsed = time.perf_counter() - started
+    # An every=k sample is k consecutive steps (one refresh, k − 1 cheap ones): its mean step.
+    times = {kind: [t / periods[kind] for t in ts] for kind, ts in times.items()}
     summary = harness.summarize(times)
     row = harness.record(
         out,
@@ -88,6 +114,8 @@ def bench_time(
             "optimizer": f"SGD(lr={LR})",
             "cagrad_c": CAGRAD_C,
             "ratios": ratios_of(times),
+            "periods": {kind: k for kind, k in periods.items() if k > 1},
+            "ideal_over_floor": ideal_every(times, periods),
             "gs_engines": _engines(variants),
             "wall_s": elapsed,
             "variants": summary,

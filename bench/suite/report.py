@@ -11,7 +11,7 @@ from bench import harness
 from bench.methods import ORIGINAL
 from bench.suite.measure import MEMORY_KINDS, MMAP_THRESHOLD, PEERS
 from bench.suite.targets import format_check, ratio_in, target_summary
-from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, Spec, method_of
+from bench.suite.variants import EVERY_METHOD_KINDS, KINDS, LOSS_KINDS, LOSS_PEER_KINDS, Spec, method_of
 from bench.tiny import TINY_KINDS
 
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when bench_suite rewrites the file above it. -->"
@@ -34,21 +34,63 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _kinds(rows: list[dict[str, Any]]) -> list[str]:
-    """The variants of the run in table order: the grid's, then every other registered method's."""
-    present = {kind for r in rows for kind in r["ratios"]}
-    return [kind for kind in (*KINDS, *EVERY_METHOD_KINDS, *LOSS_KINDS) if kind in present]
+    """The variants of the run in table order: the grid's, every other registered method's, the
+    loss-weighting methods' and their TorchJD scalarizers, then the rest (cheap modes, granularities)
+    in the order the run timed them."""
+    present = list(dict.fromkeys(kind for r in rows for kind in r["ratios"]))
+    known = [kind for kind in (*KINDS, *EVERY_METHOD_KINDS, *LOSS_KINDS, *LOSS_PEER_KINDS) if kind in present]
+    return known + [kind for kind in present if kind not in known]
+
+
+def _cell(row: dict[str, Any], kind: str, label: str) -> str:
+    a, b = ratio_in(row, kind, label), ratio_in(row, kind, label, "median_paired")
+    return "—" if a is None else f"{a:.2f} ({b:.2f})"
+
+
+def loss_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Each loss-weighting method ÷ naive summation and ÷ TorchJD's scalarizer, per problem that timed it."""
+    timed = [r for r in rows if any(kind in r["ratios"] for kind in LOSS_KINDS)]
+    header = ["method"] + [f"{r['model']} T={r['T']}: {what}" for r in timed for what in ("÷ naive", "÷ TorchJD")]
+    body = []
+    for kind in LOSS_KINDS:
+        cells = [_cell(r, kind, label) for r in timed for label in ("over_naive", "over_torchjd")]
+        if any(c != "—" for c in cells):
+            body.append([kind, *cells])
+    return header, body
+
+
+def cheap_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The cheap modes ÷ the floor (an every=k step: the mean over a whole period), with the ideal."""
+    header = ["variant", "problem", "÷ floor", "÷ naive", "ideal ÷ floor"]
+    body = []
+    for r in rows:
+        for kind in r["ratios"]:
+            option = kind.rsplit("-", 1)[-1]
+            if not kind.startswith("gs-") or not (option.startswith("every") or option.startswith("tps")):
+                continue
+            ideal = r.get("ideal_over_floor", {}).get(option) if option.startswith("every") else None
+            ideal_cell = "—" if ideal is None else f"{ideal['of_medians']:.2f} ({ideal['median_paired']:.2f})"
+            body.append(
+                [kind, f"{r['model']} T={r['T']}", _cell(r, kind, "over_floor"), _cell(r, kind, "over_naive"), ideal_cell]
+            )
+    return header, body
+
+
+def granularity_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per-block surgery ÷ the whole-model step of the same method (and ÷ the floor)."""
+    header = ["variant", "problem", "÷ whole model", "÷ floor"]
+    body = [
+        [kind, f"{r['model']} T={r['T']}", _cell(r, kind, "over_whole"), _cell(r, kind, "over_floor")]
+        for r in rows
+        for kind in r["ratios"]
+        if ratio_in(r, kind, "over_whole") is not None
+    ]
+    return header, body
 
 
 def ratio_table(rows: list[dict[str, Any]], label: str) -> tuple[list[str], list[list[str]]]:
     header = ["variant"] + [f"{r['model']} T={r['T']}" for r in rows]
-    body = []
-    for kind in _kinds(rows):
-        cells = []
-        for r in rows:
-            a, b = ratio_in(r, kind, label), ratio_in(r, kind, label, "median_paired")
-            cells.append("—" if a is None else f"{a:.2f} ({b:.2f})")
-        body.append([kind, *cells])
-    return header, body
+    return header, [[kind, *(_cell(r, kind, label) for r in rows)] for kind in _kinds(rows)]
 
 
 def peer_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -211,6 +253,32 @@ def markdown(
         table(*peer_table(rows)),
         "",
     ]
+    extra_sections = (
+        (
+            "Loss weighting: ÷ naive summation and ÷ TorchJD's scalarizer",
+            "One backward of the method's objective of the losses (`gs-{name}`), against naive summation and "
+            "against TorchJD's scalarizer of the same method (`torchjd.scalarization`, `bench/peers.py`: its "
+            "documented loop, FAMO's second forward pass for `update` included) on the same model.",
+            loss_table(rows),
+        ),
+        (
+            "Cheap modes: ÷ the T-backward floor",
+            "`-every{k}`: `every=k`, timed as whole periods (a sample is k consecutive steps, one refresh and k − 1 "
+            "weighted backward passes, divided by k); the ideal is one floor step and k − 1 naive steps, "
+            "(floor + (k − 1)·naive) / (k·floor), from the same run. `-tps{k}`: `tasks_per_step=k` (k backward "
+            "passes a step).",
+            cheap_table(rows),
+        ),
+        (
+            "Granularity: per-block surgery ÷ the whole-model step",
+            '`-module`: `granularity="module"`, `shared=` the trunk (one block per layer); `-parameter`: '
+            '`granularity="parameter"` (one block per shared parameter); ÷ the same method\'s whole-model step.',
+            granularity_table(rows),
+        ),
+    )
+    for title, text, (header, body) in extra_sections:
+        if body:
+            parts += [f"## {title}", "", text, "", table(header, body), ""]
     if mems:
         parts += [
             "## Peak extra memory",
@@ -323,6 +391,14 @@ def render(
     print(harness.format_table(*ratio_table(rows, "over_floor")))
     print("\nOurs ÷ peers (same method, ratio of medians)")
     print(harness.format_table(*peer_table(rows)))
+    for title, (header, body) in (
+        ("Loss weighting ÷ naive and ÷ TorchJD's scalarizer", loss_table(rows)),
+        ("Cheap modes ÷ the floor (every=k: whole periods), with the ideal", cheap_table(rows)),
+        ("Granularity ÷ the whole-model step", granularity_table(rows)),
+    ):
+        if body:
+            print(f"\n{title}")
+            print(harness.format_table(header, body))
     if mems:
         print("\nPeak extra RSS of 2 steps (fresh process each)")
         print(harness.format_table(*memory_table(mems)))

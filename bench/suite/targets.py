@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
+
 from bench.methods import ORIGINAL
-from bench.suite.measure import peer_of
-from bench.suite.variants import EVERY_METHOD_KINDS
+from bench.suite.measure import peer_of, whole_of
+from bench.suite.variants import EVERY_METHOD_KINDS, LOSS_KINDS
 from bench.tiny import TINY_KINDS
 
 BF16_MIN_SAVING = 16 * 2**20  # below this, the RSS differences between fresh processes (a few MiB) hide the saving
 EVERY_METHOD_BOUND = 1.15
+LOSS_BOUND, LOSS_T = 1.05, (8, 16)  # loss weighting ÷ naive summation, at those T
+# Cheap modes ÷ the T-backward floor, per (T, k): every=k averaged over a whole period; tasks_per_step=k.
+EVERY_BOUNDS = {(8, 4): 0.45, (16, 8): 0.25}
+TASKS_PER_STEP_BOUNDS = {(16, 4): 0.30}
+GRANULARITY_BOUND, GRANULARITY_T = 1.02, (8,)  # per-block step ÷ the whole-model step of the same method
 
 
 def ratio_in(row: dict[str, Any], kind: str, label: str, key: str = "of_medians") -> float | None:
@@ -70,6 +77,32 @@ def targets(
                 "over_floor",
                 EVERY_METHOD_BOUND,
             )
+        if r["T"] in LOSS_T:
+            for kind in LOSS_KINDS:
+                add_ratio(
+                    f"loss-weighting method ≤ {LOSS_BOUND:.2f}× naive summation (T = {', '.join(map(str, LOSS_T))})",
+                    f"{case} {kind}",
+                    r,
+                    kind,
+                    "over_naive",
+                    LOSS_BOUND,
+                )
+        for kind in r["ratios"]:
+            every = re.fullmatch(r"gs-\w+-loop-every(\d+)", kind)
+            tps = re.fullmatch(r"gs-\w+-loop-tps(\d+)", kind)
+            if every and (r["T"], int(every[1])) in EVERY_BOUNDS:
+                k = int(every[1])
+                bound = EVERY_BOUNDS[(r["T"], k)]
+                target = f"every={k} at T = {r['T']}: mean step over a period ≤ {bound:.2f}× the T-backward floor"
+                add_ratio(target, f"{case} {kind}", r, kind, "over_floor", bound)
+            if tps and (r["T"], int(tps[1])) in TASKS_PER_STEP_BOUNDS:
+                k = int(tps[1])
+                bound = TASKS_PER_STEP_BOUNDS[(r["T"], k)]
+                target = f"tasks_per_step={k} at T = {r['T']}: step ≤ {bound:.2f}× the T-backward floor"
+                add_ratio(target, f"{case} {kind}", r, kind, "over_floor", bound)
+            if whole_of(kind) is not None and r["T"] in GRANULARITY_T:
+                target = f"granularity (per layer, per parameter) ≤ {GRANULARITY_BOUND:.2f}× the whole-model step (T = 8)"
+                add_ratio(target, f"{case} {kind} ÷ {whole_of(kind)}", r, kind, "over_whole", GRANULARITY_BOUND)
     for m in mems:
         case = f"{m['model']} T={m['T']}"
         v = {kind: entry for kind, entry in m["variants"].items() if "error" not in entry}

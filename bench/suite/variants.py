@@ -25,10 +25,26 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
   ``G = engine.compute_gramian(stack(losses))``, ``w = weighting(G)``, ``stack(losses).backward(w)``. The
   losses are per task (means over the batch), so ``batch_dim=None`` (``batch_dim=0`` needs per-sample
   losses: instance-wise risk). The heads get ``w_t``-weighted gradients here, not their plain ones;
-- ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step.
+- ``pyo-pcgrad``: ``pytorch_optimizer.PCGrad(opt, reduction="sum").pc_backward(losses)``, step;
+- ``torchjd-{name}`` of a loss-weighting method: TorchJD's scalarizer of it (``bench.peers``),
+  ``scalarizer(stack(losses)).backward()``, step (and what its documented loop calls after the step:
+  FAMO's ``update`` on a second forward pass, DWA's ``step``).
+
+Options of our wrapper are suffixes after the engine, ``gs-{name}-loop-{option}``:
+
+- ``bf16``: ``storage_dtype=torch.bfloat16``;
+- ``every{k}``: ``every=k`` (a full step every ``k`` steps, one weighted backward between). Such a
+  variant's :func:`make_step` closure is one step and carries ``period = k``: a timed sample is ``k``
+  consecutive steps (:func:`period_sample`: one refresh and ``k − 1`` cheap steps, checked through
+  ``opt.refreshed``), divided by ``k``;
+- ``tps{k}``: ``tasks_per_step=k`` (``k − 1`` drawn tasks and the mean of the others: ``k`` backward passes);
+- ``module``: ``granularity="module"`` with ``shared=`` the trunk (one block per layer);
+  ``parameter``: ``granularity="parameter"`` (one block per shared parameter).
 
 :data:`KINDS` are timed on every problem; :data:`EVERY_METHOD_KINDS` (every other registered gradient
-method, loop engine) and :data:`LOSS_KINDS` (every loss-weighting method) on the MLP at one ``T``.
+method, loop engine), :data:`LOSS_KINDS` (every loss-weighting method) with their TorchJD scalarizers
+(:data:`LOSS_PEER_KINDS`), the cheap modes (:func:`cheap_kinds`) and the granularities
+(:data:`GRANULARITY_KINDS`) on the MLP at the ``T`` the speed issues name (``bench.bench_suite``).
 """
 
 from __future__ import annotations
@@ -42,7 +58,8 @@ import torch
 from torch import nn
 
 from bench.methods import ORIGINAL, make_wrapper, names_of
-from bench.peers import torchjd_aggregator, torchjd_weighting
+from bench.methods import kind as method_kind
+from bench.peers import torchjd_aggregator, torchjd_scalarizer, torchjd_scalarizer_peer, torchjd_weighting
 
 LR = 1e-4
 MODES = ("loop", "batched", "repr")
@@ -61,6 +78,17 @@ KINDS = (
 EVERY_METHOD_KINDS = tuple(f"gs-{name}-loop" for name in names_of("gram", "elementwise") if name not in ORIGINAL)
 # Every loss-weighting method: one backward of its objective, the cost of naive summation and a little.
 LOSS_KINDS = tuple(f"gs-{name}" for name in names_of("loss"))
+# TorchJD's scalarizer of each loss-weighting method it has (``bench.peers``).
+LOSS_PEER_KINDS = tuple(f"torchjd-{name}" for name in names_of("loss") if torchjd_scalarizer_peer(name) is not None)
+# Per-block surgery (granularity=) of the original three: one block per layer, one per parameter.
+GRANULARITIES = ("module", "parameter")
+GRANULARITY_KINDS = tuple(f"gs-{m}-loop-{g}" for g in GRANULARITIES for m in ORIGINAL)
+
+
+def cheap_kinds(*, every: int | None = None, tasks_per_step: int | None = None) -> tuple[str, ...]:
+    """The cheap modes of the original three (loop engine): ``every=k`` and ``tasks_per_step=k``."""
+    suffixes = ([f"every{every}"] if every else []) + ([f"tps{tasks_per_step}"] if tasks_per_step else [])
+    return tuple(f"gs-{m}-loop-{suffix}" for suffix in suffixes for m in ORIGINAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,17 +181,54 @@ def method_of(kind: str) -> str:
     return kind.split("-")[1]
 
 
-def _ours(kind: str, opt: torch.optim.Optimizer, T: int) -> tuple[Any, bool]:
-    """Our wrapper for ``gs-{name}[-{mode}[-bf16]]`` (``T`` tasks), and whether it runs in
-    representation mode."""
-    _, name, *rest = kind.split("-")
+def wrapper_options(kind: str, model: nn.Module) -> dict[str, Any]:
+    """The wrapper options of ``gs-{name}[-{mode}[-{option}...]]`` (the module docstring's suffixes)."""
+    _, _name, *rest = kind.split("-")
     mode = rest.pop(0) if rest else None
-    options: dict[str, Any] = {"num_tasks": T}
+    options: dict[str, Any] = {}
     if mode in ("loop", "batched"):
         options["engine"] = mode
-    if rest == ["bf16"]:
-        options["storage_dtype"] = torch.bfloat16
-    return make_wrapper(name, opt, **options), mode == "repr"
+    elif mode not in (None, "repr"):
+        raise ValueError(f"unknown mode {mode!r} in variant {kind!r}")
+    for option in rest:
+        if option == "bf16":
+            options["storage_dtype"] = torch.bfloat16
+        elif option.startswith("every") and option[5:].isdigit():
+            options["every"] = int(option[5:])
+        elif option.startswith("tps") and option[3:].isdigit():
+            options["tasks_per_step"] = int(option[3:])
+        elif option == "module":
+            options.update(granularity="module", shared=model.trunk)
+        elif option == "parameter":
+            options["granularity"] = "parameter"
+        else:
+            raise ValueError(f"unknown option {option!r} in variant {kind!r}")
+    return options
+
+
+def period_of(step: Callable[[], None]) -> int:
+    """Steps per timed sample: ``k`` for an ``every=k`` variant (one refresh and ``k − 1`` cheap steps), else 1."""
+    return getattr(step, "period", 1)
+
+
+def period_sample(step: Callable[[], None]) -> Callable[[], None]:
+    """One timed sample of ``step``: :func:`period_of` consecutive steps. For an ``every=k`` wrapper, raise
+    unless exactly the first of them refreshed the weights (the sample is one whole period)."""
+    period = period_of(step)
+    if period == 1:
+        return step
+    wrapper = step.wrapper  # type: ignore[attr-defined]
+
+    def sample() -> None:
+        refreshed = []
+        for _ in range(period):
+            step()
+            refreshed.append(wrapper.refreshed)
+        if refreshed != [True] + [False] * (period - 1):
+            raise RuntimeError(f"a sample of {period} steps is not one period: refreshed = {refreshed}")
+
+    sample.wrapper = wrapper  # type: ignore[attr-defined]
+    return sample
 
 
 def make_step(spec: Spec, kind: str) -> Callable[[], None]:
@@ -196,7 +261,9 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
             torch.autograd.grad(torch.stack(losses), params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
 
     elif kind.startswith("gs-"):
-        wrapper, representation = _ours(kind, opt, T)
+        options = wrapper_options(kind, model)
+        wrapper = make_wrapper(method_of(kind), opt, num_tasks=T, **options)
+        representation = kind.split("-")[2:3] == ["repr"]
 
         def step() -> None:
             wrapper.zero_grad()
@@ -205,6 +272,26 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
             wrapper.step()
 
         step.wrapper = wrapper  # type: ignore[attr-defined]
+        step.period = options.get("every", 1)  # type: ignore[attr-defined]
+
+    elif kind.startswith("torchjd-") and method_kind(method_of(kind)) == "loss":
+        peer = torchjd_scalarizer_peer(method_of(kind))
+        assert peer is not None, kind
+        scalarizer = torchjd_scalarizer(method_of(kind), T)
+        if peer.learnable:
+            opt.add_param_group({"params": list(scalarizer.parameters())})
+
+        def step() -> None:
+            opt.zero_grad()
+            _, losses = forward(spec, model, x, y)
+            scalarizer(torch.stack(losses)).backward()
+            opt.step()
+            if peer.update:  # FAMO's documented loop: the losses after the step, on the same batch
+                with torch.no_grad():
+                    _, after = forward(spec, model, x, y)
+                scalarizer.update(torch.stack(after))
+            if peer.epoch_step:
+                scalarizer.step()
 
     elif kind.startswith("torchjd-"):
         from torchjd.autojac import jac_to_grad, mtl_backward
