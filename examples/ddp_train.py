@@ -11,7 +11,9 @@ wrapper's own reduction — ``torch.autograd.grad`` does not fire DDP's reducer 
 other duties (the same initial parameters everywhere, buffer broadcasts). Rank 0 writes a checkpoint
 at the end; every rank would load the same file to resume.
 
-Runs on the CPU (gloo) in seconds; on GPUs, one per process, it uses NCCL.
+Runs on the CPU (gloo) in seconds; on GPUs, one per process, it uses NCCL. One intra-op thread
+per process by default (``--threads``), as torchrun sets for several processes and the benchmarks
+use: the model is tiny, and more threads per process only fight the other ranks for the cores.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--checkpoint", default="ddp_train_checkpoint.pt")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:

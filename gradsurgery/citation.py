@@ -16,7 +16,23 @@ METHOD_BIBTEX: dict[str, str] = {method.name: method.bibtex for method in REGIST
 
 
 def bibtex(method: str | None = None) -> str:
-    """The library's BibTeX and every method's, or only the named method's (``"PCGrad"``, ...)."""
+    """The library's BibTeX and every method's, or only the named method's.
+
+    Args:
+        method: a wrapper's name (``"PCGrad"``, ``"CAGrad"``, ...); ``None`` (default) for the library's
+            entry followed by every method's, each paper once.
+
+    Returns:
+        The BibTeX entries, separated by blank lines.
+
+    Raises:
+        ValueError: ``method`` names no method with a paper (the message lists the names).
+
+    Examples:
+        >>> import gradsurgery as gs
+        >>> gs.bibtex("CAGrad").splitlines()[0]
+        '@inproceedings{liu2021conflict,'
+    """
     if method is None:  # each entry once (a method's loss and gradient forms share a paper)
         return "\n\n".join([LIBRARY_BIBTEX, *dict.fromkeys(METHOD_BIBTEX.values())])
     if method not in METHOD_BIBTEX:
@@ -25,5 +41,21 @@ def bibtex(method: str | None = None) -> str:
 
 
 def cite(method: str | None = None) -> None:
-    """Print the BibTeX to cite: the library and every method, or only ``method``."""
+    """Print the BibTeX to cite: the library and every method, or only ``method``.
+
+    Args:
+        method: as for :func:`bibtex`.
+
+    Returns:
+        ``None``; the entries are printed.
+
+    Raises:
+        ValueError: as for :func:`bibtex`.
+
+    Examples:
+        >>> import gradsurgery as gs
+        >>> gs.cite("PCGrad")  # doctest: +ELLIPSIS
+        @inproceedings{yu2020gradient,
+        ...
+    """
     print(bibtex(method))

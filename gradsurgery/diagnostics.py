@@ -32,6 +32,16 @@ def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor | None) -> dict[str,
         ``"conflicts"`` (int64 scalar): the number of pairs ``i < j`` with ``G_ij < 0``;
         ``"weights"`` ``(T,)``: the weights, detached (absent when ``weights`` is ``None``).
         All tensors are on ``G``'s device; nothing is read back to the host.
+
+    Raises:
+        ValueError: ``G`` is not square, or ``weights`` is not ``(T,)``.
+
+    Examples:
+        >>> import torch
+        >>> from gradsurgery.diagnostics import gram_diagnostics
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> gram_diagnostics(J @ J.T, None)["conflicts"]
+        tensor(1)
     """
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"G must be a square (T, T) matrix, got shape {tuple(G.shape)}")
@@ -61,6 +71,18 @@ def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
     All tensors are packed into one buffer and copied to the host in a single transfer, so a call
     costs one device synchronisation however many entries ``diag`` holds. Integer tensors come back
     as ``int``, floating ones as ``float``; 0-d tensors as a number, others as (nested) lists.
+
+    Args:
+        diag: named tensors on one device, such as :func:`gram_diagnostics` returns.
+
+    Returns:
+        The same keys, with numbers and (nested) lists of numbers.
+
+    Examples:
+        >>> import torch
+        >>> from gradsurgery.diagnostics import gram_diagnostics, to_floats
+        >>> to_floats(gram_diagnostics(torch.eye(2), None))["norms"]
+        [1.0, 1.0]
     """
     if not diag:
         return {}
@@ -82,8 +104,20 @@ def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
 
 
 def flatten(report: dict[str, Any]) -> dict[str, float]:
-    """``to_floats``'s report as ``{name: float}``: ``norm/<t>``, ``cos/<i>-<j>`` for ``i < j``,
-    ``weight/<t>``, and the scalars under their own names (``conflicts``; booleans as 0.0/1.0)."""
+    """``to_floats``'s report as ``{name: float}``, the shape loggers take.
+
+    Args:
+        report: a report of :func:`to_floats` (what ``opt.diagnostics()`` returns).
+
+    Returns:
+        ``norm/<t>``, ``cos/<i>-<j>`` for ``i < j``, ``weight/<t>``, and the scalars under their own
+        names (``conflicts``; booleans as 0.0/1.0).
+
+    Examples:
+        >>> from gradsurgery.diagnostics import flatten
+        >>> flatten({"norms": [1.0, 2.0], "cosine": [[1.0, -0.5], [-0.5, 1.0]], "conflicts": 1})
+        {'norm/0': 1.0, 'norm/1': 2.0, 'cos/0-1': -0.5, 'conflicts': 1.0}
+    """
     out: dict[str, float] = {}
     singular = {"norms": "norm", "weights": "weight"}
     for key, value in report.items():

@@ -32,8 +32,22 @@ def unwrap(optimizer: Any) -> GradSurgery:
     Lightning) shares the wrapper's state objects, so running on it would work too; unwrapping makes
     every call land on the one object the checkpoints and ``diagnostics()`` read.
 
-    Raises ``TypeError`` naming the chain of types when no wrapper is found (a plain
-    ``torch.optim`` optimizer, or the wrapper's inner optimizer).
+    Args:
+        optimizer: the wrapper, or a proxy around it (any depth up to 16).
+
+    Returns:
+        The wrapper.
+
+    Raises:
+        TypeError: no wrapper is found (a plain ``torch.optim`` optimizer, or the wrapper's inner
+            optimizer); the message names the chain of types.
+
+    Examples:
+        >>> import torch, gradsurgery as gs
+        >>> from gradsurgery.frameworks import unwrap
+        >>> opt = gs.PCGrad(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+        >>> unwrap(opt) is opt
+        True
     """
     chain = []
     current = optimizer
@@ -64,18 +78,38 @@ def backward(
 ) -> None:
     """``optimizer``'s gradsurgery wrapper runs ``backward(losses, features=, scaler=)``.
 
-    ``optimizer``: the wrapper, or a framework's proxy around it (see :func:`unwrap`).
+    Args:
+        optimizer: the wrapper, or a framework's proxy around it (Lightning's ``LightningOptimizer``,
+            Accelerate's ``AcceleratedOptimizer``; see :func:`unwrap`).
+        losses: the ``T`` scalar losses (a sequence, an iterator, or a 1-D tensor).
+        accelerator: a Hugging Face ``accelerate.Accelerator``. Its ``backward(loss)`` divides a loss
+            by ``gradient_accumulation_steps`` and scales it with its ``GradScaler``; this does the same
+            for the ``T`` losses: the gradient methods get ``L_t / n`` and the scaler, a loss-weighting
+            method (whose objective is not homogeneous in the losses) its objective divided by ``n``
+            and scaled. With ``accumulate(n)`` the shared gradient is then the surgery of the mean of
+            the micro-batches' task gradients: that of one batch ``n`` times as large.
+        features: representation mode, as the wrapper's ``backward(features=)``.
+        scaler: a ``torch.amp.GradScaler``, as the wrapper's ``backward(scaler=)`` (not with an
+            accelerator that has one).
 
-    ``accelerator``: a Hugging Face ``accelerate.Accelerator``. Its ``backward(loss)`` divides a loss
-    by ``gradient_accumulation_steps`` and scales it with its ``GradScaler``; this does the same for
-    the ``T`` losses: the gradient methods get ``L_t / n`` and the scaler, a loss-weighting method
-    (whose objective is not homogeneous in the losses) its objective divided by ``n`` and scaled.
-    With ``accumulate(n)`` the shared gradient is then the surgery of the mean of the micro-batches'
-    task gradients: that of one batch ``n`` times as large.
+    Called inside an autocast region (``accelerator.autocast()``), the backward runs outside it, as
+    the wrapper's own ``backward`` does.
 
-    ``features`` and ``scaler`` are the wrapper's own (``scaler`` cannot be given with an accelerator
-    that has one). Called inside an autocast region (``accelerator.autocast()``), the backward runs
-    outside it: see :func:`outside_autocast`.
+    Returns:
+        ``None``; the ``.grad`` of the parameters are written as the wrapper's ``backward`` writes them.
+
+    Raises:
+        TypeError: no gradsurgery wrapper is inside ``optimizer`` (the message names the chain of types).
+        ValueError: an accelerator whose backward runs in its own engine (DeepSpeed, Megatron-LM), or
+            what the wrapper's ``backward`` refuses (bad losses, non-finite gradients).
+
+    Examples:
+        >>> import torch, gradsurgery as gs
+        >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+        >>> opt = gs.MGDA(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1))
+        >>> features = trunk(torch.randn(16, 4))
+        >>> gs.backward(opt, [head(features).pow(2).mean() for head in heads])  # the same as opt.backward(...)
+        >>> opt.step()
     """
     wrapper = unwrap(optimizer)
     if not isinstance(losses, torch.Tensor):

@@ -17,6 +17,7 @@ recomputed with the rows scaled first, and the combine then runs in fp64 (see
 from __future__ import annotations
 
 import inspect
+import textwrap
 from typing import Any, Callable
 
 import torch
@@ -30,7 +31,26 @@ from .pipeline import Target, aggregate as _aggregate
 
 
 def gram(J: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``G = J Jᵀ`` (fp32 accumulation; fp64 for fp64 ``J``)."""
+    """``G = J Jᵀ`` (fp32 accumulation; fp64 for fp64 ``J``).
+
+    Args:
+        J: ``(T, P)`` task gradients, or ``(..., T, P)`` for a batch.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        The ``(T, T)`` Gram matrix (``(..., T, T)`` for a batch).
+
+    Raises:
+        ValueError: ``J`` is not ``(..., T, P)`` with ``T ≥ 1``, not floating point, a meta tensor or
+            requires grad; ``backend="triton"`` where Triton cannot run.
+        TypeError: ``J`` is not a tensor.
+
+    Examples:
+        >>> import torch, gradsurgery as gs
+        >>> gs.functional.gram(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        tensor([[1., 1.],
+                [1., 2.]])
+    """
     _check_J(J)
     return _backend.gram(J, backend=backend)
 
@@ -42,7 +62,28 @@ def aggregate(
     out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``."""
+    """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``.
+
+    Args:
+        J: ``(T, P)`` task gradients.
+        weights_of: ``G (T, T) → w (T,)``, the weights on the sum scale.
+        out: a ``(P,)`` tensor to write the update into (default: a new one).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        The ``(P,)`` update.
+
+    Raises:
+        NonFiniteGradientError: a row of ``J`` holds NaN/Inf (the error names the tasks).
+        ValueError: ``J`` is not a valid ``(T, P)`` input (see :func:`gram`).
+        TypeError: ``J`` is not a tensor.
+
+    Examples:
+        >>> import torch, gradsurgery as gs
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> gs.functional.aggregate(J, lambda G: 1 / G.diagonal().sqrt())  # each gradient normalised
+        tensor([1., 1.])
+    """
     _check_J(J)
     _backend.check_backend(backend, J.device)
     G = _checked_gram(J, backend)
@@ -58,6 +99,19 @@ def check_finite_gram(G: torch.Tensor) -> None:
     A NaN/Inf in row ``t`` of ``J`` makes ``G[t, t]`` non-finite and, through it, the whole row and
     column ``t``: the diagonal names exactly those tasks. A ``G`` that is non-finite only off the
     diagonal (given directly, not computed from ``J``) names the tasks of its non-finite rows.
+
+    Args:
+        G: ``(T, T)`` Gram matrix, or ``(..., T, T)`` for a batch.
+
+    Returns:
+        ``None`` when every entry is finite.
+
+    Raises:
+        NonFiniteGradientError: some entry is NaN/Inf; ``.tasks`` lists the tasks.
+
+    Examples:
+        >>> import torch, gradsurgery as gs
+        >>> gs.functional.check_finite_gram(torch.eye(2))
     """
     finite = torch.isfinite(G)
     if bool(finite.all()):
@@ -190,10 +244,72 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
     assert name is not None
     on_rows.__name__ = on_rows.__qualname__ = name
     on_gram.__name__ = on_gram.__qualname__ = f"{name}_weights"
-    summary = method.summary()
-    on_rows.__doc__ = f"{method.name} update of the rows of ``J`` (see :mod:`gradsurgery.methods`): {summary}"
-    on_gram.__doc__ = f"{method.name} weights from the Gram matrix ``G``: {summary}"
+    on_rows.__doc__, on_gram.__doc__ = _docs(method)
     return on_rows, on_gram
+
+
+def _docs(method: Method) -> tuple[str, str]:
+    """The docstrings of ``<function>(J, ...)`` and ``<function>_weights(G, ...)``: Google style, the
+    method's options as the wrapper's, a doctest each."""
+
+    def arg(name: str, text: str) -> str:
+        return textwrap.fill(f"{name}: {text}.", width=104, initial_indent="    ", subsequent_indent="        ") + "\n"
+
+    name, function = method.name, method.function
+    options = "".join(arg(o.name, f"{o.doc} (default ``{o.default!r}``)") for o in method.options)
+    if method.reads_losses:
+        options += arg("losses", "the ``T`` loss values (``(..., T)`` for a batch), for the options that read them")
+    if method.random:
+        options += arg("generator", "the ``torch.Generator`` to draw from (default: torch's global generator)")
+    if method.state is not None:
+        options += arg("state", f"the state the previous call returned (default: the initial state: {method.state.doc})")
+    options += arg("reduction", '``"sum"`` (default: the scale of ``sum(losses).backward()``) or ``"mean"`` (divided by ``T``)')
+    backend = arg("backend", '``"auto"`` (Triton for CUDA tensors when it imports), ``"torch"`` or ``"triton"``')
+    stateful = ", and the new state: ``(d, state)``" if method.state is not None else ""
+    raises = (
+        "Raises:\n"
+        "    NonFiniteGradientError: a row holds NaN/Inf (the error names the tasks).\n"
+        "    ValueError: an input of the wrong shape or dtype, or an option out of range (named with its value).\n"
+        "    TypeError: an input that is not a tensor, or an unknown option.\n"
+    )
+    extra = ", generator=torch.Generator().manual_seed(0)" if method.random else ""
+    unpack = "d, state = " if method.state is not None else "d = "
+    rows = (
+        f"The {name} update of the rows of ``J``.\n\n{method.summary()}\n\n"
+        f"The update ``gs.{name}`` writes into the shared parameters' ``.grad``, for a ``J`` given directly: the\n"
+        "method's math, defaults and references are in that class's documentation.\n\n"
+        "Args:\n"
+        + arg("J", "``(T, P)`` task gradients, one row per task, or ``(..., T, P)`` for a batch of independent problems")
+        + options
+        + arg("out", "a ``(P,)`` tensor to write the update into (default: a new one)")
+        + backend
+        + f"\nReturns:\n    The ``(P,)`` update (``(..., P)`` for a batch){stateful}.\n\n"
+        + raises
+        + "\nExamples:\n"
+        "    >>> import torch, gradsurgery as gs\n"
+        "    >>> J = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])  # two tasks' gradients of 3 shared values\n"
+        f"    >>> {unpack}gs.functional.{function}(J{extra})\n"
+        "    >>> d.shape\n"
+        "    torch.Size([3])\n"
+    )
+    gram = (
+        f"The {name} weights from the Gram matrix ``G = J Jᵀ``.\n\n{method.summary()}\n\n"
+        f"``d = wᵀJ`` is ``gs.functional.{function}(J)``; these are the weights alone, for a ``G`` computed\n"
+        "elsewhere (accumulated, all-reduced, or of a representation).\n\n"
+        "Args:\n"
+        + arg("G", "``(T, T)`` Gram matrix of the task gradients, or ``(..., T, T)`` for a batch")
+        + options
+        + backend
+        + f"\nReturns:\n    The ``(T,)`` float64 weights (``(..., T)`` for a batch){stateful}.\n\n"
+        + raises.replace("a row holds", "``G`` holds")
+        + "\nExamples:\n"
+        "    >>> import torch, gradsurgery as gs\n"
+        "    >>> J = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])\n"
+        f"    >>> {unpack.replace('d', 'w')}gs.functional.{function}_weights(J @ J.T{extra})\n"
+        "    >>> w.shape\n"
+        "    torch.Size([2])\n"
+    )
+    return rows, gram
 
 
 def _elementwise_batch(method: Method, J: torch.Tensor, out: torch.Tensor, options: dict[str, Any], reduction: str, backend: str) -> torch.Tensor:

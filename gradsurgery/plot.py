@@ -39,6 +39,24 @@ def plot_cosine_heatmap(
 
     The colour scale is fixed to ``[-1, 1]`` with white at 0, so red (conflict) and blue (agreement)
     mean the same thing in every figure; cells are annotated with their value when ``T ≤ 12``.
+
+    Args:
+        cos: the ``T × T`` cosines, a tensor or nested sequences (``opt.diagnostics()["cosine"]``).
+        ax: the matplotlib ``Axes`` to draw on (default: a new figure's).
+        task_names: one label per task (default ``task 0``, ``task 1``, ...).
+
+    Returns:
+        The ``Axes`` drawn on.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``cos`` is not square, or ``task_names`` has not ``T`` entries.
+
+    Examples:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from gradsurgery.plot import plot_cosine_heatmap
+        >>> ax = plot_cosine_heatmap([[1.0, -0.3], [-0.3, 1.0]], task_names=["depth", "segmentation"])
     """
     plt = _pyplot()
     matrix = [[float(v) for v in row] for row in _as_nested_floats(cos)]
@@ -48,8 +66,7 @@ def plot_cosine_heatmap(
     names = list(task_names) if task_names is not None else [f"task {t}" for t in range(T)]
     if len(names) != T:
         raise ValueError(f"task_names must have {T} entries, got {len(names)}")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.6 * T))
+    ax = _axes(ax, plt, figsize=(1.0 + 0.6 * T, 0.8 + 0.6 * T))
     image = ax.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="RdBu")
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine")
     ax.set_xticks(range(T), names, rotation=45, ha="right")
@@ -62,6 +79,14 @@ def plot_cosine_heatmap(
                 ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_title("gradient cosine similarity")
     return ax
+
+
+def _axes(ax: Axes | None, plt: Any, *, figsize: tuple[float, float]) -> Axes:
+    """``ax``, or a new figure's axes."""
+    if ax is not None:
+        return ax
+    new: Axes = plt.subplots(figsize=figsize)[1]
+    return new
 
 
 def _moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -93,6 +118,20 @@ def plot_conflict_history(
         steps: the training step of each entry (default ``0, 1, …``).
         window: entries averaged in the conflict rate, the fraction of task pairs ``i < j`` whose
             gradients had a negative inner product.
+
+    Returns:
+        The ``Axes`` drawn on (the weights' twin axis is ``ax.twinx()``'s).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``history`` is empty, ``window < 1``, or ``steps`` has not one entry per entry.
+
+    Examples:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from gradsurgery.plot import plot_conflict_history
+        >>> history = [{"conflicts": 1, "norms": [1.0, 1.0], "weights": [0.5, 1.5]}] * 10
+        >>> ax = plot_conflict_history(history, window=5)
     """
     plt = _pyplot()
     if not history:
@@ -107,8 +146,7 @@ def plot_conflict_history(
     T = len(weights[0]) if has_weights else len(_as_nested_floats(history[0]["norms"]))
     pairs = max(T * (T - 1) // 2, 1)
     rate = [float(_as_nested_floats(entry["conflicts"])) / pairs for entry in history]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.0, 3.0))
+    ax = _axes(ax, plt, figsize=(6.0, 3.0))
     ax.plot(xs, _moving_average(rate, window), color="black", label="conflict rate")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
@@ -120,5 +158,5 @@ def plot_conflict_history(
             twin.plot(xs, [w[t] for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
         twin.set_ylabel("task weight")
         lines += twin.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=7)
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize=7)
     return ax
