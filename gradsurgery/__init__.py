@@ -4,7 +4,7 @@ Every method of :data:`gradsurgery.methods.REGISTRY` is an optimizer wrapper her
 ``gs.CAGrad``, ``gs.MGDA``, ``gs.Sum``, ...) and a pair of functions in :mod:`gradsurgery.functional`.
 """
 
-from . import functional, methods
+from . import functional, hints, methods
 from .citation import bibtex, cite
 from .errors import NonFiniteGradientError
 from .frameworks import backward
@@ -16,7 +16,7 @@ globals().update(WRAPPERS)
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # pyright: ignore[reportUnsupportedDunderAll]  (the wrappers are listed in __init__.pyi)
     "GradSurgery",
     "MethodWrapper",
     "NonFiniteGradientError",
@@ -25,6 +25,7 @@ __all__ = [
     "bibtex",
     "cite",
     "functional",
+    "hints",
     "methods",
     "wrapper_class",
     *sorted(WRAPPERS),

@@ -4,6 +4,8 @@ the task-specific ``.grad``, the accumulation's bookkeeping. Shared by the singl
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .grads import accumulate_plain
@@ -46,7 +48,7 @@ def write_specific(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None
 
 def targets(buffer: SharedBuffer) -> list[Target]:
     """Where the combine writes: each dtype group's flat update, on top of its base (if any)."""
-    bases = buffer.bases or [None] * len(buffer.groups)
+    bases: Sequence[torch.Tensor | None] = buffer.bases or [None] * len(buffer.groups)
     return [Target(columns, update, base) for (columns, update), base in zip(buffer.groups, bases)]
 
 

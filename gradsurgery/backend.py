@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 
 from . import kernels
+from .hints import BACKENDS
 from .kernels.blocks import BlockLayout, combine_blocks_reference, gram_blocks_reference
 from .kernels.combine import combine_reference_unchecked
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def check_backend(backend: str, device: torch.device | None = None) -> None:

@@ -9,7 +9,7 @@ actually reads them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -65,7 +65,7 @@ def gram_diagnostics(G: torch.Tensor, weights: torch.Tensor | None) -> dict[str,
     return out
 
 
-def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
+def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list[Any]]:
     """Plain Python numbers (and nested lists) for TensorBoard, W&B or JSON.
 
     All tensors are packed into one buffer and copied to the host in a single transfer, so a call
@@ -92,7 +92,7 @@ def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
     pack_dtype = torch.float32 if device.type == "mps" else torch.float64
     flat = torch.cat([t.to(device=device, dtype=pack_dtype).reshape(-1) for t in tensors.values()])
     host = flat.cpu()
-    out: dict[str, float | list] = {}
+    out: dict[str, float | list[Any]] = {}
     offset = 0
     for key, t in tensors.items():
         chunk = host[offset : offset + t.numel()].reshape(t.shape)
@@ -103,15 +103,15 @@ def to_floats(diag: dict[str, torch.Tensor]) -> dict[str, float | list]:
     return out
 
 
-def flatten(report: dict[str, Any]) -> dict[str, float]:
+def flatten(report: Mapping[str, Any]) -> dict[str, float]:
     """``to_floats``'s report as ``{name: float}``, the shape loggers take.
 
     Args:
         report: a report of :func:`to_floats` (what ``opt.diagnostics()`` returns).
 
     Returns:
-        ``norm/<t>``, ``cos/<i>-<j>`` for ``i < j``, ``weight/<t>``, and the scalars under their own
-        names (``conflicts``; booleans as 0.0/1.0).
+        ``norm/<t>``, ``cos/<i>-<j>`` for ``i < j``, ``weight/<t>``, the scalars under their own
+        names (``conflicts``; booleans as 0.0/1.0), and each block's entries under ``block/<b>/``.
 
     Examples:
         >>> from gradsurgery.diagnostics import flatten
@@ -121,7 +121,10 @@ def flatten(report: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     singular = {"norms": "norm", "weights": "weight"}
     for key, value in report.items():
-        if key == "cosine":
+        if key == "blocks":
+            for b, block in enumerate(value):
+                out.update({f"block/{b}/{name}": number for name, number in flatten(block).items()})
+        elif key == "cosine":
             for i, row in enumerate(value):
                 for j in range(i + 1, len(row)):
                     out[f"cos/{i}-{j}"] = float(row[j])

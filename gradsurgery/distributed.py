@@ -66,13 +66,13 @@ import torch.distributed as dist
 from . import apply as _apply
 from .errors import NonFiniteGradientError
 from .grads import dense, grad_norms
+from .hints import SYNC_MODES
 from .kernels.blocks import BlockLayout
 from .pipeline import Aggregate, Elementwise, Target, WeightsOf, aggregate
 from .prepare import FeatureGradients, GradOptions, Prepared, PreparedGradients, SpecificGradients, features_extra, through_features
 from .state import Accumulation, Layout
 from .taskgrads import SharedBuffer
 
-SYNC_MODES = ("exact", "local", "sharded")
 # Backends whose reduce-scatter sends (N−1)/N of the input; gloo's is a full all-reduce in disguise.
 NATIVE_REDUCE_SCATTER = ("nccl", "xccl")
 BUCKET_BYTES = 25 * 2**20  # the task-specific gradients are flattened into buckets of at most this size
@@ -129,9 +129,9 @@ class CommStats:
     Collectives of the error paths (``all_gather_object``) are counted in ``calls`` only.
     """
 
-    calls: Counter = field(default_factory=Counter)
-    payload: Counter = field(default_factory=Counter)
-    sent: Counter = field(default_factory=Counter)
+    calls: Counter[str] = field(default_factory=Counter)
+    payload: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)
 
     def add(self, op: str, nbytes: int, world: int) -> None:
         factor = (2 if op == "all_reduce" else 1) * (world - 1) / world
@@ -220,7 +220,7 @@ class DistributedSync:
         self.stats = CommStats()
         self._calls = 0
         self._shard: _Shard | None = None
-        self._shard_key: tuple | None = None
+        self._shard_key: tuple[int, torch.Size, torch.dtype, bool] | None = None
 
     # ------------------------------------------------------------------ collectives (counted)
 
@@ -541,15 +541,17 @@ class DistributedSync:
         prepared = local.prepared
         rows = grads.rows
         loss_values = prepared.loss_values
-        reduce_gram = None
+        reduce_gram: Callable[[torch.Tensor], torch.Tensor] | None = None
         if self.sync != "local":
             if loss_values is not None:
                 works, (loss_values,) = self._mean_bucketed([loss_values])
                 _wait(works)
 
-            def reduce_gram(G: torch.Tensor) -> torch.Tensor:
+            def reduce_all(G: torch.Tensor) -> torch.Tensor:
                 self._all_reduce(G).wait()
                 return G / self.world**2
+
+            reduce_gram = reduce_all
 
         combined = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
         result = aggregate(

@@ -24,13 +24,14 @@ import torch
 
 from . import backend as _backend
 from .errors import NonFiniteGradientError
+from .hints import Backend
 from .methods import REGISTRY
 from .methods._common import check_gram, check_reduction
 from .methods.spec import Method
 from .pipeline import Target, aggregate as _aggregate
 
 
-def gram(J: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def gram(J: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
     """``G = J Jᵀ`` (fp32 accumulation; fp64 for fp64 ``J``).
 
     Args:
@@ -60,7 +61,7 @@ def aggregate(
     weights_of: Callable[[torch.Tensor], torch.Tensor],
     *,
     out: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """``d = weights_of(G)ᵀ J`` with ``G = J Jᵀ``: any Gram-space method applied to ``J``.
 
@@ -158,6 +159,13 @@ def _check_G(G: torch.Tensor) -> None:
 # ---------------------------------------------------------------------- one pair per method
 
 
+_EXTRA_TYPES = {
+    "losses": "torch.Tensor | Sequence[float] | None",
+    "generator": "torch.Generator | None",
+    "state": "dict[str, torch.Tensor] | None",
+}
+
+
 def _extras(method: Method) -> list[str]:
     """The keywords beyond the options that the method's functions take, besides reduction/backend."""
     names = []
@@ -184,6 +192,8 @@ def _split(method: Method, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict
 
 
 def _weights(method: Method, G: torch.Tensor, options: dict[str, Any], extras: dict[str, Any], reduction: str, backend: str) -> Any:
+    weights_of = method.weights
+    assert weights_of is not None  # a loss-weighting method has no functional pair
     if method.solve is not None:
         extras = {**extras, "solve": _backend.solvers(backend, G).get(method.solve)}
     if method.state is not None:
@@ -191,8 +201,8 @@ def _weights(method: Method, G: torch.Tensor, options: dict[str, Any], extras: d
         if state is None:  # the method's initial state, for every entry of a batch
             batch = G.shape[:-2]
             state = {k: v.expand(*batch, *v.shape).clone() for k, v in method.state.init(G.shape[-1], G.device).items()}
-        return method.weights(G, reduction=reduction, **options, **extras, state=state)
-    return method.weights(G, reduction=reduction, **options, **extras)
+        return weights_of(G, reduction=reduction, **options, **extras, state=state)
+    return weights_of(G, reduction=reduction, **options, **extras)
 
 
 def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -227,19 +237,25 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
             if method.state is not None:
                 result, new_state = result
                 state.append(new_state)
-            return result
+            w: torch.Tensor = result
+            return w
 
         _aggregate(J, [Target(slice(None), out)], weights_of, backend=backend, G=G)
         return (out, state[0]) if state else out
 
-    parameters = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in method.options]
-    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in _extras(method)]
-    parameters.append(inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="sum"))
-    tail = [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")]
-    out_parameter = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=None)
-    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    on_rows.__signature__ = inspect.Signature([inspect.Parameter("J", positional), *parameters, out_parameter, *tail])  # type: ignore[attr-defined]
-    on_gram.__signature__ = inspect.Signature([inspect.Parameter("G", positional), *parameters, *tail])  # type: ignore[attr-defined]
+    # The signatures help(), IDEs and the type stubs (gradsurgery/_stubs.py) show: every keyword, typed.
+    keyword, positional = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(o.name, keyword, default=o.default, annotation=o.hint) for o in method.options]
+    parameters += [inspect.Parameter(name, keyword, default=None, annotation=_EXTRA_TYPES[name]) for name in _extras(method)]
+    parameters.append(inspect.Parameter("reduction", keyword, default="sum", annotation="Reduction"))
+    tail = [inspect.Parameter("backend", keyword, default="auto", annotation="Backend")]
+    out_parameter = inspect.Parameter("out", keyword, default=None, annotation="torch.Tensor | None")
+    stateful = method.state is not None
+    returns = "tuple[torch.Tensor, dict[str, torch.Tensor]]" if stateful else "torch.Tensor"
+    rows = [inspect.Parameter("J", positional, annotation="torch.Tensor"), *parameters, out_parameter, *tail]
+    grams = [inspect.Parameter("G", positional, annotation="torch.Tensor"), *parameters, *tail]
+    on_rows.__signature__ = inspect.Signature(rows, return_annotation=returns)  # type: ignore[attr-defined]
+    on_gram.__signature__ = inspect.Signature(grams, return_annotation=returns)  # type: ignore[attr-defined]
     name = method.function
     assert name is not None
     on_rows.__name__ = on_rows.__qualname__ = name
@@ -331,4 +347,4 @@ for _method in REGISTRY:
             _FUNCTIONS[f"{_method.function}_weights"] = _on_gram
 globals().update(_FUNCTIONS)
 
-__all__ = ["aggregate", "check_finite_gram", "gram", *sorted(_FUNCTIONS)]
+__all__ = ["aggregate", "check_finite_gram", "gram", *sorted(_FUNCTIONS)]  # pyright: ignore[reportUnsupportedDunderAll]  (listed in functional.pyi)

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-GRANULARITIES = ("all", "parameter", "module")
+from .hints import GRANULARITIES
+
 
 Spans = list[tuple[int, int]]
 

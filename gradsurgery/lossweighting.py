@@ -14,19 +14,30 @@ schedulers after the wrapper.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 
 from .errors import NonFiniteGradientError
 from .grads import accumulate_plain, grad_norms
+from .hints import LossWeightingDiagnostics
 from .methods.spec import Objective
 from .optim import MethodWrapper, state_tasks
-from .prepare import Losses, all_params, check_losses, check_real, outside_autocast
+from .prepare import Losses, all_params, check_losses, check_real, eager, outside_autocast
 
 
 # Options of the gradient methods that mean nothing without per-task gradients.
-NOT_APPLICABLE = ("shared", "storage_dtype", "engine", "chunk_size", "process_group", "sync", "every", "tasks_per_step")
+NOT_APPLICABLE = (
+    "shared",
+    "storage_dtype",
+    "engine",
+    "chunk_size",
+    "process_group",
+    "sync",
+    "every",
+    "tasks_per_step",
+    "granularity",
+)
 
 
 class LossWeightingWrapper(MethodWrapper):
@@ -42,6 +53,7 @@ class LossWeightingWrapper(MethodWrapper):
             if name in options:
                 raise ValueError(f"{self.method.name} computes no per-task gradients: {name}= does not apply to it")
         super().__init__(optimizer, **options)
+        self.uses_loss_values = True  # the objective is a function of the losses
         if self._dist is not None:
             raise ValueError(
                 f"{self.method.name} does not train over torch.distributed yet; construct it before "
@@ -64,11 +76,7 @@ class LossWeightingWrapper(MethodWrapper):
         assert loss is not None
         return loss
 
-    @property
-    def uses_loss_values(self) -> bool:  # type: ignore[override]
-        return True
-
-    @torch.compiler.disable
+    @eager
     def backward(self, losses: Losses, *, features: torch.Tensor | None = None, scaler: Any = None) -> None:
         """Backpropagate the method's objective of the losses once; ``.grad`` as that backward gives it.
 
@@ -176,12 +184,21 @@ class LossWeightingWrapper(MethodWrapper):
             for name, value in state.get("learned", {}).items():
                 self.learned[name].copy_(value)
 
-    def diagnostics(self, *, flat: bool = False) -> dict[str, Any]:
+    # A report of its own kind (no Gram matrix, so no norms or cosines): the override narrows nothing,
+    # it replaces the gradient methods' report, which is why the type checkers are told.
+    @overload  # type: ignore[override]
+    def diagnostics(self, *, flat: Literal[False] = False) -> LossWeightingDiagnostics: ...
+    @overload
+    def diagnostics(self, *, flat: Literal[True]) -> dict[str, float]: ...
+    @overload
+    def diagnostics(self, *, flat: bool) -> LossWeightingDiagnostics | dict[str, float]: ...
+
+    def diagnostics(self, *, flat: bool = False) -> LossWeightingDiagnostics | dict[str, float]:  # pyright: ignore[reportIncompatibleMethodOverride]
         """The last step's effective weights ``∂objective/∂L_t`` as plain floats (there is no Gram
         matrix: no per-task gradient is computed); ``flat=True``: ``{"weight/<t>": float}``."""
         if self.last_weights is None:
             raise RuntimeError("diagnostics() needs a backward() first")
         from .diagnostics import flatten, to_floats
 
-        report = to_floats({"weights": self.last_weights})
+        report = cast(LossWeightingDiagnostics, to_floats({"weights": self.last_weights}))
         return flatten(report) if flat else report

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, cast, overload
 
 import torch
 
@@ -19,6 +19,7 @@ from . import backend as _backend
 from . import distributed as _distributed
 from .errors import NonFiniteGradientError
 from .grads import grad_norms
+from .hints import ENGINES, NONFINITE_POLICIES, Backend, Diagnostics, Engine, Granularity, NonFinite, Reduction, Sync
 from .methods._common import check_reduction, to_reduction
 from .methods.spec import Method
 from .pipeline import Aggregate, Target, aggregate
@@ -32,6 +33,7 @@ from .prepare import (
     check_losses,
     check_real,
     check_shared,
+    eager,
     nonfinite_tasks,
     outside_autocast,
     per_task,
@@ -41,11 +43,12 @@ from .prepare import (
     through_features,
 )
 from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_rows, pseudo_losses
-from .granularity import Granularity
+from .granularity import Granularity as CheckedGranularity
 from .state import Accumulation, Layout, Outcome
-from .taskgrads import ENGINES, SharedBuffer, reach
+from .taskgrads import SharedBuffer, reach
 
-NONFINITE_POLICIES = ("raise", "skip", "propagate")
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -104,6 +107,23 @@ class GradSurgery(torch.optim.Optimizer):
       ``"module"`` (the layers of ``shared=``), a module, or a list of parameter groups: the method
       runs on each block separately, from the same two passes (:mod:`gradsurgery.granularity`);
       ``last_gram`` is then ``(B, T, T)`` and ``last_weights`` ``(B, T)``.
+
+    Example:
+        A method of your own: each task's gradient scaled to unit length, then summed.
+
+        >>> import torch, gradsurgery as gs
+        >>> class UnitLength(gs.GradSurgery):
+        ...     uses_loss_values = False
+        ...     def weights(self, G, losses):
+        ...         return G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).rsqrt()
+        >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+        >>> opt = UnitLength(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1))
+        >>> features = trunk(torch.randn(16, 4))
+        >>> opt.zero_grad()
+        >>> opt.backward([head(features).pow(2).mean() for head in heads])
+        >>> opt.step()
+        >>> opt.diagnostics()["conflicts"] in (0, 1)
+        True
     """
 
     def __init__(
@@ -111,17 +131,17 @@ class GradSurgery(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         *,
         shared: Iterable[torch.Tensor] | torch.nn.Module | None = None,
-        reduction: str = "sum",
-        nonfinite: str = "raise",
+        reduction: Reduction = "sum",
+        nonfinite: NonFinite = "raise",
         storage_dtype: torch.dtype | None = None,
-        engine: str = "auto",
+        engine: Engine = "auto",
         chunk_size: int | None = None,
-        backend: str = "auto",
-        process_group: Any = None,
-        sync: str = "exact",
+        backend: Backend = "auto",
+        process_group: ProcessGroup | None = None,
+        sync: Sync = "exact",
         every: int = 1,
         tasks_per_step: int | None = None,
-        granularity: Any = "all",
+        granularity: Granularity = "all",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GradSurgery):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got {type(optimizer).__name__}")
@@ -152,15 +172,15 @@ class GradSurgery(torch.optim.Optimizer):
         self.sync = sync
         self._dist = _distributed.connect(process_group, sync)  # None: a single process
         self._outcome = Outcome()
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         explicit = None if shared is None else check_shared(shared, params)
-        blocks = Granularity(granularity, params, shared)
+        blocks = CheckedGranularity(granularity, params, shared)
         if not blocks.whole and every > 1:
             raise ValueError(
                 "granularity= gives each block its own weights, which one weighted backward between refreshes "
@@ -184,17 +204,19 @@ class GradSurgery(torch.optim.Optimizer):
             )
 
     # ------------------------------------------------------------------ torch.optim.Optimizer citizen
+    # The inner optimizer's attributes, read through: a property where torch.optim declares a plain
+    # attribute, which the type checkers are told is intended.
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.optimizer.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.optimizer.state
 
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
         return self.optimizer.defaults
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -250,11 +272,19 @@ class GradSurgery(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Run the inner optimizer's step. A ``closure`` (LBFGS) calls ``zero_grad`` and ``backward``.
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Run the inner optimizer's step.
 
         With ``nonfinite="skip"``, a step whose gradients held NaN/Inf is skipped instead (the inner
         optimizer's state is untouched) and :attr:`skipped_steps` counts it.
+
+        Args:
+            closure: for optimizers that re-evaluate the loss (LBFGS): it calls ``zero_grad`` and
+                :meth:`backward` and returns the loss.
+
+        Returns:
+            What the inner optimizer's ``step`` returns (the closure's loss), or ``None`` for a
+            skipped step.
         """
         accumulation = self._accumulation
         accumulation.unstepped = False
@@ -269,7 +299,11 @@ class GradSurgery(torch.optim.Optimizer):
         a step marked to be skipped (``nonfinite="skip"``) is no longer skipped.
 
         Clearing through the model (``model.zero_grad()``) or anything else that changes the shared
-        ``.grad`` has the same effect on the next :meth:`backward`."""
+        ``.grad`` has the same effect on the next :meth:`backward`.
+
+        Args:
+            set_to_none: ``.grad = None`` (default) rather than zeros, as ``torch.optim``.
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._accumulation.clear()
 
@@ -297,7 +331,15 @@ class GradSurgery(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer)."""
+        """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer).
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, possibly moved to another device.
+
+        Raises:
+            ValueError: the checkpoint is of another method, or of another number of tasks than the
+                one this wrapper is training (nothing is loaded then).
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("gradsurgery", None)
         layout = self._layout
@@ -323,8 +365,17 @@ class GradSurgery(torch.optim.Optimizer):
     uses_loss_values = True
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        """Weights ``w`` on the sum scale for the Gram matrix ``G`` and the loss values (``None`` when
-        the class sets ``uses_loss_values = False``); ``reduction`` is applied afterwards."""
+        """The method: weights ``w`` on the sum scale (``reduction`` is applied afterwards).
+
+        Args:
+            G: the ``(T, T)`` Gram matrix of the task gradients (``(B, T, T)`` with ``granularity=``:
+                one per block; return ``(B, T)``).
+            losses: the ``(T,)`` loss values (``None`` when the class sets ``uses_loss_values = False``).
+
+        Returns:
+            ``w`` ``(T,)``: the update is ``Σ_t w_t g_t``. Read nothing back to the host here (no
+            ``.item()``): the step stays free of synchronisations.
+        """
         raise NotImplementedError
 
     def _elementwise(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
@@ -349,7 +400,7 @@ class GradSurgery(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ backward
 
-    @torch.compiler.disable
+    @eager
     def backward(self, losses: Losses, *, features: torch.Tensor | None = None, scaler: Any = None) -> None:
         """Per-task gradients → surgery → ``.grad`` of every parameter the losses reach.
 
@@ -368,6 +419,18 @@ class GradSurgery(torch.optim.Optimizer):
         Inside a ``torch.compile``d training step it runs eagerly (one graph break): it is ``T`` calls
         of ``torch.autograd.grad``, which dynamo does not trace, and host-side bookkeeping; the
         forward before it and the optimizer step after it compile as usual.
+
+        Args:
+            losses: the ``T`` scalar losses: a sequence of 0-d tensors or a 1-D tensor.
+            features: the shared representation, for representation mode (see above).
+            scaler: a ``torch.amp.GradScaler``, for mixed precision.
+
+        Raises:
+            TypeError: ``losses`` is not a sequence of tensors or a 1-D tensor.
+            ValueError: a loss is not a scalar or not floating point, no loss requires grad, or the
+                number of tasks differs from the steps being accumulated (named with the values).
+            NonFiniteGradientError: with ``nonfinite="raise"``, a task's gradient holds NaN/Inf; its
+                ``.tasks`` names them. No ``.grad``, parameter or optimizer state changed.
         """
         with outside_autocast(losses):
             self._backward(losses, features, scaler)
@@ -386,7 +449,8 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"tasks_per_step={cheap.tasks_per_step} is more than the {len(checked)} losses given")
         if not self._accumulation.continues():
             cheap.start_step(len(checked))
-            cheap.draw = draw(len(checked), cheap.tasks_per_step, cheap.generator) if cheap.tasks_per_step else None
+            k, generator = cheap.tasks_per_step, cheap.generator
+            cheap.draw = draw(len(checked), k, generator) if k is not None and generator is not None else None
         if cheap.refreshing:
             self._backward_refresh(checked, features)
         else:
@@ -627,15 +691,31 @@ class GradSurgery(torch.optim.Optimizer):
         """The shared parameters' buffer (tests and benchmarks look at its layout)."""
         return self._layout.buffer
 
-    def diagnostics(self, *, flat: bool = False) -> dict[str, Any]:
-        """The last step's gradient norms, cosine similarities, conflicts and weights as plain floats.
+    @overload
+    def diagnostics(self, *, flat: Literal[False] = False) -> Diagnostics: ...
+    @overload
+    def diagnostics(self, *, flat: Literal[True]) -> dict[str, float]: ...
+    @overload
+    def diagnostics(self, *, flat: bool) -> Diagnostics | dict[str, float]: ...
+
+    def diagnostics(self, *, flat: bool = False) -> Diagnostics | dict[str, float]:
+        """The last step's gradient norms, cosine similarities, conflicts and weights as plain floats
+        (:class:`~gradsurgery.hints.Diagnostics`).
 
         ``flat=True`` returns ``{name: float}`` with stable names — ``norm/<t>``, ``cos/<i>-<j>`` (``i < j``),
         ``weight/<t>``, ``conflicts`` (and ``refreshed`` with ``every=``) — ready for
         ``SummaryWriter.add_scalars``, Lightning's ``log_dict`` or any dict-logging tracker. With
-        ``granularity=`` there is one report per block (``{"blocks": [...]}``; flat: ``block/<b>/...``).
+        ``granularity=`` the norms, cosines and conflicts are the whole shared gradient's (the sum of the
+        blocks' Gram matrices) and ``blocks`` holds one report per block (flat: ``block/<b>/...``).
 
         This reads tensors back to the host: call it when logging, not on every step of a fast loop.
+
+        Args:
+            flat: ``{name: float}`` for loggers instead of the nested report.
+
+        Raises:
+            RuntimeError: before the first :meth:`backward`, or when the last one had no shared
+                parameter (no Gram matrix).
         """
         if self._layout.num_tasks is not None and self.last_gram is None:
             raise RuntimeError(
@@ -647,18 +727,16 @@ class GradSurgery(torch.optim.Optimizer):
         from .diagnostics import flatten, gram_diagnostics, to_floats
 
         G, w = self.last_gram, self.last_weights
-        if G.dim() == 3:  # granularity=: one report per block, in the order of opt.blocks
-            reports = [to_floats(gram_diagnostics(G[b], None if w is None else w[b])) for b in range(G.shape[0])]
-            if not flat:
-                return {"blocks": reports}
-            return {f"block/{b}/{name}": value for b, report in enumerate(reports) for name, value in flatten(report).items()}
-        report = to_floats(gram_diagnostics(G, w))
+        if G.dim() == 3:  # granularity=: the blocks partition the shared parameters, so their Grams sum to the whole
+            report = cast(Diagnostics, to_floats(gram_diagnostics(G.sum(0), None)))
+            report["blocks"] = [
+                cast(Diagnostics, to_floats(gram_diagnostics(G[b], None if w is None else w[b]))) for b in range(G.shape[0])
+            ]
+        else:
+            report = cast(Diagnostics, to_floats(gram_diagnostics(G, w)))
         if self.every > 1:
             report["refreshed"] = self.refreshed
         return flatten(report) if flat else report
-
-
-# ---------------------------------------------------------------------- wrappers from method specs
 
 
 class MethodWrapper(GradSurgery):
@@ -697,6 +775,7 @@ class MethodWrapper(GradSurgery):
             )
         super().__init__(optimizer, **method.fixed, **options)
         self.options = checked
+        self.uses_loss_values = method.uses_losses(checked)
         for name, value in checked.items():
             setattr(self, name, value)
         if method.random:
@@ -714,15 +793,14 @@ class MethodWrapper(GradSurgery):
         """The seed of the wrapper's generator (random methods)."""
         return self._outcome.seed
 
-    @property
-    def uses_loss_values(self) -> bool:  # type: ignore[override]
-        return self.method.uses_losses(self.options)
-
     def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         return self.weights(G, losses)  # the registry's methods take a batch of Gram matrices
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         method = self.method
+        weights_of = method.weights
+        if weights_of is None:
+            raise TypeError(f"{method.name} weights the losses: it has no weights from a Gram matrix")
         extra: dict[str, Any] = {}
         if method.uses_losses(self.options):
             extra["losses"] = losses
@@ -731,14 +809,17 @@ class MethodWrapper(GradSurgery):
         if method.solve is not None:
             extra["solve"] = _backend.solvers(self.backend, G).get(method.solve)
         if method.state is None:
-            return method.weights(G, reduction="sum", **self.options, **extra)
+            weights: torch.Tensor = weights_of(G, reduction="sum", **self.options, **extra)
+            return weights
         T = G.shape[-1]
         outcome = self._outcome
         batch = G.shape[:-2]
         state = outcome.method_state
         if state is None or state_tasks(state) != T or next(iter(state.values())).shape[: len(batch)] != batch:
             outcome.method_state = {k: v.expand(*batch, *v.shape).clone() for k, v in method.state.init(T, G.device).items()}
-        w, outcome.method_state = method.weights(G, reduction="sum", **self.options, **extra, state=outcome.method_state)
+        stateful: tuple[torch.Tensor, dict[str, torch.Tensor]]
+        stateful = weights_of(G, reduction="sum", **self.options, **extra, state=outcome.method_state)
+        w, outcome.method_state = stateful
         return w
 
     def _elementwise(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
@@ -788,7 +869,8 @@ def _scaled(losses: Losses, scaler: Any) -> Losses:
         checked = check_losses(losses)
     except (TypeError, ValueError):
         return losses
-    return scaler.scale(torch.stack([loss.reshape(()) for loss in checked]))
+    scaled: torch.Tensor = scaler.scale(torch.stack([loss.reshape(()) for loss in checked]))
+    return scaled
 
 
 def state_tasks(state: dict[str, torch.Tensor]) -> int:

@@ -7,7 +7,7 @@ before, of the partial Gram matrices in the middle, an all-gather of the update 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ def aggregate(
     rescue: bool = False,
     reduce_gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
     elementwise: Elementwise | None = None,
-    plain: list[PlainSpan] = (),  # type: ignore[assignment]
+    plain: Sequence[PlainSpan] = (),
     blocks: BlockLayout | None = None,
 ) -> Aggregate:
     """``out = base + wᵀJ[:, columns]`` for each target, ``w = weights_of(G)`` and ``G = J Jᵀ``.

@@ -9,8 +9,9 @@ which prepares on every rank before the ranks agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, cast
 
 import torch
 
@@ -152,7 +153,7 @@ def task_gradients_of(
     def on_task(t: int, row: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         if measure:
             present = [i for i, g in enumerate(row) if g is not None]
-            norms.append((present, grad_norms([row[i] for i in present])))  # type: ignore[misc]
+            norms.append((present, grad_norms([g for g in row if g is not None])))
         return row if early is None else _write_row(early, t, params, row)
 
     grads = task_gradients(
@@ -199,8 +200,8 @@ def task_gradients_of(
             if mask:
                 reach_masks[pid] = mask
             continue
-        kept = [(t, recomputed.get((t, i)) if pid in consumed else grads.grads[t][i]) for t, hit in enumerate(column) if hit]
-        kept = [(t, g) for t, g in kept if g is not None]
+        found = [(t, recomputed.get((t, i)) if pid in consumed else grads.grads[t][i]) for t, hit in enumerate(column) if hit]
+        kept = [(t, g) for t, g in found if g is not None]
         if kept:
             specific.append((params[i], [g for _, g in kept]))
             specific_tasks.append([t for t, _ in kept])
@@ -535,6 +536,28 @@ def _walk(roots: list[torch.Tensor], stop: object = None) -> Iterator[object]:
         yield node
         if node is not stop:
             stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def eager(function: _Function) -> _Function:
+    """``torch.compiler.disable``, applied on the first call: the wrappers' backward runs eagerly inside
+    a compiled training step (``T`` backward passes through the model: one graph break).
+
+    Applying it at import would import ``torch._dynamo`` with gradsurgery (most of a second, and Triton
+    with it); by the first call inside a compiled step, ``torch.compile`` has imported it anyway.
+    """
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disable: Callable[[Callable[..., Any]], Callable[..., Any]] = torch.compiler.disable
+            disabled.append(disable(function))
+        return disabled[0](*args, **kwargs)
+
+    return cast(_Function, call)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .grads import dense, grad_strides
+from .hints import ENGINES
 from .kernels.blocks import BlockLayout
 
-ENGINES = ("loop", "batched", "auto")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _loop(
     reached: list[list[bool]] = []
     last = len(losses) - 1
     for t, loss in enumerate(losses):
-        row = list(torch.autograd.grad(loss, inputs, retain_graph=keep_graph or t < last, allow_unused=True))
+        row: list[torch.Tensor | None] = list(torch.autograd.grad(loss, inputs, retain_graph=keep_graph or t < last, allow_unused=True))
         reached.append([g is not None for g in row])
         grads.append(row if on_task is None else on_task(t, row))
     return TaskGradients(grads, reached, "loop")
@@ -141,7 +141,7 @@ def reach(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> lis
     """``reach[t][i]``: whether loss ``t``'s autograd graph leads to ``inputs[i]`` (graph walk, no backward)."""
     memo: dict[int, frozenset[int]] = {}
 
-    def leaves(node) -> frozenset[int]:
+    def leaves(node: torch.autograd.graph.Node | None) -> frozenset[int]:
         # iterative post-order walk with memoisation: each graph node is visited once for all tasks
         stack = [(node, False)]
         while stack:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 import textwrap
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -79,34 +79,36 @@ def _example(method: Method) -> str:
     )
 
 
-def wrapper_class(method: Method) -> type[GradSurgery]:
+def wrapper_class(method: Method) -> type[MethodWrapper]:
     """``gs.<method.name>``: the optimizer wrapper of a method spec, with its options, then the
     common ones, in its signature and docstring."""
     base: type[MethodWrapper] = LossWeightingWrapper if method.loss is not None else MethodWrapper
     keyword = inspect.Parameter.KEYWORD_ONLY
-    own = [inspect.Parameter(o.name, keyword, default=o.default) for o in method.options]
+    own = [inspect.Parameter(o.name, keyword, default=o.default, annotation=o.hint) for o in method.options]
     args = "".join(_arg(o.name, f"{o.doc} (default ``{o.default!r}``)") for o in method.options)
     if method.random:
-        own.append(inspect.Parameter("seed", keyword, default=None))
+        own.append(inspect.Parameter("seed", keyword, default=None, annotation="int | None"))
         args += _arg("seed", _SEED_DOC)
     if method.loss is not None and method.loss.learnable is not None:
-        own.insert(0, inspect.Parameter("num_tasks", keyword))
+        own.insert(0, inspect.Parameter("num_tasks", keyword, annotation="int"))
         args = _arg("num_tasks", _NUM_TASKS_DOC) + args
     excluded = set(method.fixed) | (set(NOT_APPLICABLE) if method.loss is not None else set())
     common = [p for p in _COMMON if p.name not in excluded]
     common_docs = _common_option_docs()
     args += "".join(_arg(p.name, common_docs[p.name]) for p in common if p.name in common_docs)
-    optimizer = inspect.Parameter("optimizer", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.optim.Optimizer)
+    optimizer = inspect.Parameter("optimizer", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="torch.optim.Optimizer")
     self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     doc = f"{method.name} as an optimizer wrapper.\n\n{inspect.cleandoc(method.doc)}\n\n"
     doc += f"Args:\n{_arg('optimizer', _OPTIMIZER_DOC)}{args}\n{_RAISES}\n{_example(method)}"
     if len(common_docs) < len(common):  # GradSurgery's list was not found: point to it rather than say nothing
         doc += "\nThe options common to every wrapper are described in ``help(gradsurgery.GradSurgery)``.\n"
 
-    def __init__(self: MethodWrapper, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+    def __init__(self: Any, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         base.__init__(self, optimizer, **options)
 
-    __init__.__signature__ = inspect.Signature([self, optimizer, *own, *common])  # type: ignore[attr-defined]
+    # The signature help(), IDEs and the type stubs (gradsurgery/_stubs.py) show: every option, typed.
+    signature = inspect.Signature([self, optimizer, *own, *common], return_annotation="None")
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__doc__ = f"Wrap ``optimizer`` with {method.name}; see the class documentation for the options."
     __init__.__qualname__ = f"{method.name}.__init__"  # documentation tools look it up by this name
     __init__.__module__ = "gradsurgery"
@@ -115,7 +117,7 @@ def wrapper_class(method: Method) -> type[GradSurgery]:
         attributes["uses_loss_values"] = method.reads_losses
     for alias, target in method.aliases.items():
         attributes[alias] = getattr(base, target)
-    return type(method.name, (base,), attributes)
+    return cast(type[MethodWrapper], type(method.name, (base,), attributes))
 
 
-WRAPPERS: dict[str, type[GradSurgery]] = {method.name: wrapper_class(method) for method in REGISTRY}
+WRAPPERS: dict[str, type[MethodWrapper]] = {method.name: wrapper_class(method) for method in REGISTRY}

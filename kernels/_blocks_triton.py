@@ -7,10 +7,12 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._jit import jit
+
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
-@triton.jit(do_not_specialize=["T"])
+@jit(do_not_specialize=["T"])
 def _segment_partials_kernel(
     J,
     partials,
@@ -41,7 +43,7 @@ def _segment_partials_kernel(
     tl.store(out, acc)
 
 
-@triton.jit(do_not_specialize=["T"])
+@jit(do_not_specialize=["T"])
 def _block_reduce_kernel(
     partials, G, block_first, block_count, T, BT: tl.constexpr, BLOCK_E: tl.constexpr, SPLITS: tl.constexpr
 ):
@@ -66,7 +68,7 @@ def _block_reduce_kernel(
     tl.store(G + i * T + j, acc, mask=(i < T) & (j < T))
 
 
-@triton.jit(do_not_specialize=["T", "stride_w"])
+@jit(do_not_specialize=["T", "stride_w"])
 def _combine_tiles_kernel(
     W,
     J,

@@ -9,12 +9,14 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._jit import jit
+
 # Whether the kernel below was built for the CPU interpreter (fixed when this module was imported).
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
 # Sizes are not specialised on (only J's row stride is, for vector loads): no recompile per T or P.
-@triton.jit(do_not_specialize=["T", "P", "stride_w", "stride_wb", "stride_jb", "stride_ob", "size_class"])
+@jit(do_not_specialize=["T", "P", "stride_w", "stride_wb", "stride_jb", "stride_ob", "size_class"])
 def _combine_kernel(
     w,
     J,

@@ -13,11 +13,13 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._jit import jit
+
 # Whether the kernels below were built for the CPU interpreter (fixed when this module was imported).
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
-@triton.jit
+@jit
 def _mix32(x):
     # Wellons' lowbias32 on uint32 (constants as in graddrop.MIX_MULTIPLIERS).
     x = x ^ (x >> 16)
@@ -27,7 +29,7 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@jit
 def _uniform_bits(cols, seed):
     # u_p in [0, 2^24) as int32, from int64 column indices and the int64 seed.
     low = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -38,7 +40,7 @@ def _uniform_bits(cols, seed):
 
 
 # Sizes are not specialised on (only J's row stride is, for vector loads): no recompile per T or P.
-@triton.jit(do_not_specialize=["T", "P", "scale", "size_class"])
+@jit(do_not_specialize=["T", "P", "scale", "size_class"])
 def _graddrop_kernel(
     J,
     seed_ptr,
@@ -88,7 +90,7 @@ def _graddrop_kernel(
     tl.store(out + cols, result.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["start", "P"])
+@jit(do_not_specialize=["start", "P"])
 def _uniforms_kernel(seed_ptr, out, start, P, BLOCK_P: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     bits = _uniform_bits(offsets + start, tl.load(seed_ptr))

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import triton
 import triton.language as tl
 from triton import knobs
+
+from ._jit import jit
 
 # Whether the kernels below were built for the CPU interpreter (fixed when this module was imported).
 INTERPRETED: bool = bool(knobs.runtime.interpret)
@@ -15,7 +18,7 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 # Sizes are not specialised on (only strides are, for vector loads): one binary serves every T and P
 # with the same tile width, instead of a recompile per divisibility class.
-@triton.jit(do_not_specialize=["T", "P", "stride_b"])
+@jit(do_not_specialize=["T", "P", "stride_b"])
 def _gram_partials_kernel(
     J,
     partials,
@@ -52,7 +55,7 @@ def _gram_partials_kernel(
     tl.store(out, acc)
 
 
-@triton.jit(do_not_specialize=["T", "num_splits"])
+@jit(do_not_specialize=["T", "num_splits"])
 def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, BLOCK_E: tl.constexpr, SPLITS: tl.constexpr):
     # Second stage: G[b] = Σ_s partials[b, s]. Program (p, b) owns BLOCK_E entries of the flattened (BT, BT) tile and
     # reads SPLITS partials per iteration as one (SPLITS, BLOCK_E) tile, so up to 4 × #SMs partials take
@@ -76,7 +79,7 @@ def _gram_reduce_kernel(partials, G, T, num_splits, BT: tl.constexpr, BLOCK_E: t
     tl.store(G + i * T + j, acc, mask=(i < T) & (j < T))
 
 
-def _without_unpipelined_stages(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+def _without_unpipelined_stages(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: object) -> list[triton.Config]:
     """Drop the ``num_stages`` configs that cannot differ for 16-bit ``J``.
 
     Triton 3.6 and 3.9 software-pipeline the fp32 tile loads (each stage adds a 16 KiB shared buffer) but

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._jit import jit
+
 # Whether the kernels below were built for the CPU interpreter (fixed when this module was imported).
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
@@ -28,7 +30,7 @@ LADDER = tl.constexpr(16)
 SHORTEN = tl.constexpr(0.99)
 
 
-@triton.jit
+@jit
 def _add(a, b):
     return a + b
 
@@ -41,7 +43,7 @@ def _add(a, b):
 _SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
-@triton.jit(do_not_specialize=["T", "stride_g0", "stride_g1", "stride_o0", "stride_o1"])
+@jit(do_not_specialize=["T", "stride_g0", "stride_g1", "stride_o0", "stride_o1"])
 def _pcgrad_kernel(G, orders, out, T, stride_g0, stride_g1, stride_o0, stride_o1, BT: tl.constexpr):
     # Row i of the register tile C is chain i's coefficient vector c_i; the T chains advance together,
     # round r visiting task orders[i, r] in chain i (as pcgrad_coefficients does, tensor-wide).
@@ -70,7 +72,7 @@ def _pcgrad_kernel(G, orders, out, T, stride_g0, stride_g1, stride_o0, stride_o1
     tl.store(out + r, tl.reduce(C, 0, _SUM), mask=valid)
 
 
-@triton.jit(do_not_specialize=["T", "stride_g0", "stride_g1", "stride_b", "iterations"])
+@jit(do_not_specialize=["T", "stride_g0", "stride_g1", "stride_b", "iterations"])
 def _simplex_kernel(
     G,
     b_ptr,

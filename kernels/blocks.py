@@ -34,7 +34,8 @@ class BlockLayout:
 
     def __init__(self, blocks: Blocks) -> None:
         self.blocks = [list(spans) for spans in blocks]
-        self._plans: dict[object, object] = {}
+        self._gram_plans: dict[torch.device, BlockPlan] = {}
+        self._tile_plans: dict[tuple[int, int, torch.device, bool], TilePlan] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -46,16 +47,15 @@ class BlockLayout:
         )
 
     def gram_plan(self, device: torch.device) -> BlockPlan:
-        key = ("gram", device)
-        if key not in self._plans:
-            self._plans[key] = block_plan(self.blocks, device)
-        return self._plans[key]  # type: ignore[return-value]
+        if device not in self._gram_plans:
+            self._gram_plans[device] = block_plan(self.blocks, device)
+        return self._gram_plans[device]
 
     def tile_plan(self, lo: int, hi: int, device: torch.device, *, interpreted: bool) -> TilePlan:
-        key = ("tiles", lo, hi, device, interpreted)
-        if key not in self._plans:
-            self._plans[key] = tile_plan(self.blocks, lo, hi, device, interpreted=interpreted)
-        return self._plans[key]  # type: ignore[return-value]
+        key = (lo, hi, device, interpreted)
+        if key not in self._tile_plans:
+            self._tile_plans[key] = tile_plan(self.blocks, lo, hi, device, interpreted=interpreted)
+        return self._tile_plans[key]
 
 
 class BlockPlan(NamedTuple):
@@ -90,8 +90,7 @@ def block_plan(blocks: Blocks, device: torch.device) -> BlockPlan:
                 starts.append(a)
                 stops.append(min(a + _SPLIT_COLUMNS, stop))
         count.append(len(starts) - first[-1])
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-    return BlockPlan(as_tensor(starts), as_tensor(stops), as_tensor(first), as_tensor(count), len(blocks))
+    return BlockPlan(_indices(device, starts), _indices(device, stops), _indices(device, first), _indices(device, count), len(blocks))
 
 
 def tile_plan(blocks: Blocks, lo: int, hi: int, device: torch.device, *, interpreted: bool) -> TilePlan:
@@ -106,8 +105,11 @@ def tile_plan(blocks: Blocks, lo: int, hi: int, device: torch.device, *, interpr
                 starts.append(a - lo)
                 stops.append(min(a + block_p, stop) - lo)
                 owners.append(b)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-    return TilePlan(as_tensor(starts), as_tensor(stops), as_tensor(owners), block_p)
+    return TilePlan(_indices(device, starts), _indices(device, stops), _indices(device, owners), block_p)
+
+
+def _indices(device: torch.device, values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def gram_blocks_reference(J: torch.Tensor, blocks: Blocks) -> torch.Tensor:

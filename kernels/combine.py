@@ -88,10 +88,10 @@ def combine(
     check_triton_matrix(J, "J")
     check_triton_dtype(out, "out")
     T, P = J.shape[-2:]
+    if P == 0 or J.numel() == 0:  # (nothing to write; and a reshape to (-1, T, 0) is ambiguous)
+        return out
     flat_J, flat_w, flat_out = J.reshape(-1, T, P), w.reshape(-1, T), out.view(-1, P)
     B = flat_J.shape[0]
-    if P == 0 or B == 0:
-        return out
     from . import _combine_triton as kernels
 
     args = (

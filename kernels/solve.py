@@ -42,7 +42,7 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 32 else 8
 
 
-def _device_context(device: torch.device) -> contextlib.AbstractContextManager:
+def _device_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -113,8 +113,8 @@ def _simplex(G: torch.Tensor, b: torch.Tensor | None, phi: torch.Tensor | None, 
     block = _block(T)
     with _device_context(G.device):
         kernels._simplex_kernel[(1,)](
-            G, b if cagrad else G, phi if cagrad else G, w, T, G.stride(0), G.stride(1),
-            b.stride(0) if cagrad else 0, iterations,
+            G, b if b is not None else G, phi if phi is not None else G, w, T, G.stride(0), G.stride(1),
+            b.stride(0) if b is not None else 0, iterations,
             BT=block, CAGRAD=cagrad, num_warps=_num_warps(block), enable_fp_fusion=_FP_FUSION,
         )  # fmt: skip
     return w

@@ -24,7 +24,6 @@ import inspect
 import os
 import pydoc
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,11 +248,11 @@ def test_examples_train_multitask_runs() -> None:
 
 
 def test_examples_ddp_train_on_two_processes_prints_the_single_process_losses(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, from this interpreter's torch
     script = str(ROOT / "examples" / "ddp_train.py")
     one = _run([sys.executable, script, "--steps", "6", "--checkpoint", str(tmp_path / "one.pt")], cwd=tmp_path)
     two = _run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", script, "--steps", "6", "--checkpoint", str(tmp_path / "two.pt")],
+        [*torchrun, "--standalone", "--nproc_per_node", "2", script, "--steps", "6", "--checkpoint", str(tmp_path / "two.pt")],
         cwd=tmp_path,
     )
 

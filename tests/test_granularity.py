@@ -109,6 +109,15 @@ def test_diagnostics_per_block() -> None:
     assert len(report["blocks"]) == 4 and len(report["blocks"][0]["weights"]) == 3
     flat = opt.diagnostics(flat=True)
     assert "block/3/cos/0-2" in flat and "block/0/weight/1" in flat and "block/2/conflicts" in flat
+    # The top level describes the whole shared gradient: the blocks' Gram matrices sum to its Gram matrix.
+    whole = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
+    whole.backward(model.losses(*_data()))
+    expected = whole.diagnostics()
+    assert "weights" not in report and "weights" in expected
+    torch.testing.assert_close(torch.tensor(report["norms"]), torch.tensor(expected["norms"]))
+    torch.testing.assert_close(torch.tensor(report["cosine"]), torch.tensor(expected["cosine"]))
+    assert report["conflicts"] == expected["conflicts"]
+    assert flat["cos/0-2"] == report["cosine"][0][2]
 
 
 def test_gradvac_keeps_a_state_per_block_and_resumes_it() -> None:

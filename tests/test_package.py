@@ -31,9 +31,10 @@ def test_import_works_without_triton_and_imports_nothing_heavy(tmp_path: Path) -
         "import torch, gradsurgery as gs\n"
         "print(gs.functional.mgda(torch.randn(3, 10)).shape)\n"
         "print(gs.kernels.triton_available())\n"
-        "print(sorted(m for m, mod in sys.modules.items() if mod is not None and m.split('.')[0] in ('triton', 'matplotlib', 'scipy')))"
+        "print(sorted(m for m, mod in sys.modules.items() if mod is not None and m.split('.')[0] in ('triton', 'matplotlib', 'scipy')))\n"
+        "print('torch._dynamo' in sys.modules)"  # most of a second: imported by torch.compile, not by us
     )
-    assert _python(code, tmp_path).splitlines() == ["torch.Size([10])", "False", "[]"]
+    assert _python(code, tmp_path).splitlines() == ["torch.Size([10])", "False", "[]", "False"]
 
 
 def test_kernels_are_installed_inside_the_package_only(tmp_path: Path) -> None:
@@ -57,20 +58,22 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
     assert "gradsurgery/methods/cagrad.py" in names
     assert "gradsurgery/integrations/lightning.py" in names and "gradsurgery/integrations/accelerate.py" in names
     assert "gradsurgery/py.typed" in names
+    assert {"gradsurgery/__init__.pyi", "gradsurgery/functional.pyi"} <= set(names)  # the wrappers' types
     assert not any(name.startswith(("kernels/", "tests/", "bench/")) for name in names)
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     _check_metadata(zipfile.ZipFile(wheel).read(metadata).decode())
 
 
 def _check_metadata(text: str) -> None:
-    """PKG-INFO / METADATA: an SPDX licence, the torch floor CI tests, no numpy, typed."""
+    """PKG-INFO / METADATA: an SPDX licence, the torch floor CI tests, no numpy, typed (NotRequired and
+    TypeIs come from typing_extensions, which torch requires at the same floor)."""
     meta = email.message_from_string(text)
     assert meta["License-Expression"] == "MIT" and "LICENSE" in meta.get_all("License-File")
     classifiers = meta.get_all("Classifier")
     assert "Typing :: Typed" in classifiers and "Programming Language :: Python :: 3.11" in classifiers
     assert not any(c.startswith("License ::") for c in classifiers)  # the SPDX expression replaces them
     required = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
-    assert required == ["torch<3,>=2.13"]
+    assert required == ["torch<3,>=2.13", "typing-extensions>=4.10"]
     test_extra = [r.split(";")[0].split(">")[0].strip() for r in meta.get_all("Requires-Dist") if "extra == \"test\"" in r]
     assert {"lightning", "accelerate", "numpy"} <= set(test_extra)
 
@@ -106,7 +109,7 @@ def test_sdist_carries_the_test_suite_and_what_it_reads(tmp_path: Path) -> None:
     assert {"tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/reference.py"} <= expected
     missing = sorted(expected - names)
     assert not missing, f"{len(missing)} files of the suite's folders are not in the sdist: {missing[:20]}"
-    for name in ("CITATION.cff", "LICENSE", "README.md", "pyproject.toml", "gradsurgery/py.typed", "kernels/gram.py"):
+    for name in ("CITATION.cff", "LICENSE", "README.md", "pyproject.toml", "gradsurgery/py.typed", "gradsurgery/__init__.pyi", "kernels/gram.py"):
         assert name in names, name
     _check_metadata(pkg_info)
 

@@ -35,7 +35,7 @@ Lightning's own ``manual_backward`` unchanged. Nothing here imports Lightning: t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,11 @@ from ..optim import GradSurgery
 from ..prepare import Losses, check_losses
 
 __all__ = ["GradSurgeryMixin"]
+
+if TYPE_CHECKING:  # for the type checkers, the mixin is what it is mixed into; at run time, nothing
+    from lightning.pytorch import LightningModule as _Host
+else:
+    _Host = object
 
 
 @dataclass
@@ -55,13 +60,13 @@ class _Pending:
     features: torch.Tensor | None
 
 
-class GradSurgeryMixin:
+class GradSurgeryMixin(_Host):
     """Put before ``LightningModule`` in the bases: ``self.manual_backward(losses)`` (manual
     optimization) computes the task gradients with the module's gradsurgery wrapper, inside
     Lightning's ``manual_backward``: the strategy, the precision plugin and the
     ``on_before_backward`` / ``on_after_backward`` hooks run as for one loss."""
 
-    def manual_backward(  # type: ignore[override]
+    def manual_backward(
         self,
         loss: torch.Tensor | Losses,
         *args: Any,
@@ -79,7 +84,7 @@ class GradSurgeryMixin:
         if isinstance(loss, torch.Tensor) and loss.dim() == 0:
             if optimizer is not None or features is not None:
                 raise ValueError("optimizer= and features= are for several losses; one scalar loss takes neither")
-            super().manual_backward(loss, *args, **kwargs)  # type: ignore[misc]
+            super().manual_backward(loss, *args, **kwargs)
             return
         if args or kwargs:
             raise TypeError(
@@ -91,11 +96,11 @@ class GradSurgeryMixin:
         stacked = torch.stack([value.reshape(()) for value in losses])
         self.__dict__["_gradsurgery_pending"] = _Pending(wrapper, losses, features)
         try:
-            super().manual_backward(stacked)  # type: ignore[misc]
+            super().manual_backward(stacked)
         finally:
             missed = self.__dict__.pop("_gradsurgery_pending", None)
         if missed is not None:
-            plugin = type(self.trainer.precision_plugin).__name__  # type: ignore[attr-defined]
+            plugin = type(self.trainer.precision_plugin).__name__
             raise RuntimeError(
                 f"Lightning's {plugin} ran the backward pass without calling LightningModule.backward, so the "
                 "gradsurgery wrapper never ran: this strategy or precision plugin (DeepSpeed, Fabric) is not supported"
@@ -106,21 +111,21 @@ class GradSurgeryMixin:
         ``loss.backward()`` (the default hook) otherwise."""
         pending = self.__dict__.pop("_gradsurgery_pending", None)
         if pending is None:
-            if loss.dim() == 1 and self.automatic_optimization:  # type: ignore[attr-defined]
+            if loss.dim() == 1 and self.automatic_optimization:
                 raise TypeError(
                     "training_step returned several losses under automatic optimization, which backpropagates one; "
                     "set self.automatic_optimization = False and call self.manual_backward(losses)"
                 )
-            super().backward(loss, *args, **kwargs)  # type: ignore[misc]
+            super().backward(loss, *args, **kwargs)
             return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         with outside_autocast(pending.losses):  # the training step's autocast region is still open here
             pending.wrapper.backward(pending.losses, features=pending.features, scaler=scaler)
 
     def _gradsurgery_wrapper(self, optimizer: Any) -> GradSurgery:
         if optimizer is not None:
             return unwrap(optimizer)
-        found = self.optimizers(use_pl_optimizer=False)  # type: ignore[attr-defined]
+        found = self.optimizers(use_pl_optimizer=False)
         found = found if isinstance(found, list) else [found]
         wrappers = [opt for opt in found if isinstance(opt, GradSurgery)]
         if len(wrappers) != 1:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-REDUCTIONS = ("sum", "mean")
+from ..hints import REDUCTIONS
 
 
 def check_reduction(reduction: str) -> None:
@@ -45,13 +45,16 @@ def as_losses(losses: torch.Tensor | Sequence[float] | None, G: torch.Tensor, *,
             raise ValueError(f"losses has {values.shape[0]} values but there are T={T} tasks")
         return values
     batch = G.shape[:-1]
-    try:
-        fits = values.dim() >= 1 and values.shape[-1] == T and torch.broadcast_shapes(values.shape, batch) == batch
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not (values.dim() >= 1 and values.shape[-1] == T and broadcasts_to(values.shape, batch)):
         raise ValueError(f"losses has shape {tuple(values.shape)}; for G of shape {tuple(G.shape)} it must broadcast to {tuple(batch)}")
     return values.expand(batch)
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``."""
+    if len(shape) > len(target):
+        return False
+    return all(size in (1, goal) for size, goal in zip(reversed(shape), reversed(target)))
 
 
 def symmetric64(G: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def _gradients(Gp: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Te
     """``(u + μ)ᵀG`` for every candidate ``mu`` ``(..., C, K, T)`` of every right-hand side ``Us`` ``(..., K, T)``:
     one product per entry, the candidates stacked as rows (``Gp`` is the padded ``G``: see ``times``)."""
     rows = (Us[..., None, :, :] + mu).flatten(-3, -2)
-    return times(rows, Gp).unflatten(-2, mu.shape[-3:-1])
+    return torch.unflatten(times(rows, Gp), -2, mu.shape[-3:-1])
 
 
 def _residual(Gp: torch.Tensor, Us: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -253,7 +253,7 @@ def _interior_point(Gp: torch.Tensor, Us: torch.Tensor, iterations: int) -> tupl
     newton = (Gp + torch.diag_embed(ridge))[..., None, :, :]
     z = torch.ones(*c.shape[:-1], 2 * size, dtype=Gp.dtype, device=Gp.device)
     for _ in range(iterations):
-        mu, lam = z.split(size, dim=-1)
+        mu, lam = torch.split(z, size, dim=-1)
         ratio = lam / mu
         factor, info = torch.linalg.cholesky_ex(torch.diag_embed(torch.nn.functional.pad(ratio, (0, extra))).add_(newton))
         gap = (mu * lam).mean(dim=-1, keepdim=True)
@@ -317,12 +317,14 @@ def times(X: torch.Tensor, Mp: torch.Tensor) -> torch.Tensor:
 
 def matvec(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``M v`` for ``M`` ``(..., n, n)`` and ``v`` ``(..., n)``: ``(..., n)``, products and a sum per row."""
-    return torch.linalg.vecdot(M, v.unsqueeze(-2))
+    product: torch.Tensor = torch.linalg.vecdot(M, v.unsqueeze(-2))
+    return product
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``aᵀb`` over the last dimension (products and a sum)."""
-    return torch.linalg.vecdot(a, b)
+    product: torch.Tensor = torch.linalg.vecdot(a, b)
+    return product
 
 
 def factorize(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +336,8 @@ def factorize(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if extra:
         M = torch.nn.functional.pad(M, (0, extra, 0, extra))
         M.diagonal(dim1=-2, dim2=-1)[..., size:].fill_(1.0)
-    return torch.linalg.cholesky_ex(M)
+    factor: tuple[torch.Tensor, torch.Tensor] = torch.linalg.cholesky_ex(M)
+    return factor
 
 
 def solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -346,5 +349,5 @@ def solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     if extra:
         rhs = torch.nn.functional.pad(rhs, (0, 0, 0, extra))
     lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
-    x = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+    x: torch.Tensor = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
     return x[..., :size, :] if extra else x

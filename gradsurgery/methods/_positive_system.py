@@ -87,19 +87,20 @@ def solve_power_system(G: torch.Tensor, power: float, *, max_iter: int) -> Power
     # (torch.logical_and rather than `&`, whose Python-level wrapper costs ~10 µs a call.)
     C = torch.where(torch.logical_and(active, active.mT), G / (root * root.mT), eye)
     C.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # exactly: G_ii / sqrt(G_ii)² is 1 only up to rounding
-    kappa = scale = None
+    kappa: torch.Tensor | None = None  # None: Nash-MTL's κ = 1
+    scale: torch.Tensor | None = None
     if not nash:
         scale = safe.amax(dim=-2, keepdim=True)
         kappa = (safe / scale).pow((power - 1.0) / 2.0)
     if size == 1:
-        y = torch.ones_like(root) if nash else kappa.pow(1.0 / (1.0 + power))
+        y = torch.ones_like(root) if kappa is None else kappa.pow(1.0 / (1.0 + power))
     elif size == 2 and nash:
         y = _nash_two(C, one)
     else:
         with torch.inference_mode():  # ~30 tiny ops per iteration: no autograd bookkeeping
             y = _newton(C, kappa, power, max_iter, eye, ladder, one).clone()
     error, cancellation = _diagnose(C, kappa, power, y, active, zero)
-    w = y / root if nash else y / root * scale.pow((power - 1.0) / (2.0 * (power + 1.0)))
+    w = y / root if scale is None else y / root * scale.pow((power - 1.0) / (2.0 * (power + 1.0)))
     accepted = torch.logical_and(active, (error <= ACCEPT).logical_and_(cancellation <= MAX_CANCELLATION))
     w = torch.where(accepted, w, zero)
     # NaN (or ±inf) anywhere in G: NaN weights, for the caller's finiteness check.
@@ -179,17 +180,16 @@ def _newton(
 ) -> torch.Tensor:
     # Every iteration is ~30 kernels on T-sized tensors, so their count is the cost (~1 µs each on a
     # CPU): vectors stay columns (no reshaping) and the constants come built.
-    nash = kappa is None
     # The Newton matrix is factorised padded to N = _cone.padded(T) rows (an identity block beyond T),
     # where every entry of a batch is solved as it would be alone (see _cone's batched linear algebra).
     size = C.shape[-1]
     extra = padded(size) - size
-    eye_p = torch.nn.functional.pad(eye if nash else eye * power, (0, extra, 0, extra))
+    eye_p = torch.nn.functional.pad(eye if kappa is None else eye * power, (0, extra, 0, extra))
     eye_p.diagonal()[size:].fill_(1.0)
     C_p = torch.nn.functional.pad(C, (0, extra, 0, extra))
     # The start: the solution for orthogonal gradients, u = κ^(1/(1+p)), times F's minimiser along its
     # ray, c: c·uᵀCu = c^(−p)·Σ_i κ_i u_i^(1−p), i.e. c^(1+p) = Σ_i u_i² / uᵀCu (κ_i = u_i^(1+p)).
-    if nash:
+    if kappa is None:
         curvature = C.sum(dim=(-2, -1), keepdim=True)  # u = 1
         y = (C.shape[-1] / torch.where(curvature > 0, curvature, one)).sqrt().expand_as(C[..., :1])
     else:
@@ -199,8 +199,8 @@ def _newton(
         y = u * (length_sq / torch.where(curvature > 0, curvature, one)).pow(1.0 / (1.0 + power))
     for _ in range(iterations):
         Cy = _times(C, y)
-        push = y.reciprocal() if nash else kappa * y.pow(-power)  # κ·h'(y): the barrier's push outwards
-        sigma = y if nash else (y / push).sqrt()  # sqrt(y^(p+1)/κ), where the Hessian is ΣCΣ + p·I
+        push = y.reciprocal() if kappa is None else kappa * y.pow(-power)  # κ·h'(y): the barrier's push outwards
+        sigma = y if kappa is None else (y / push).sqrt()  # sqrt(y^(p+1)/κ), where the Hessian is ΣCΣ + p·I
         # K = ΣCΣ + p·I ⪰ p·I. Two triangular solves rather than cholesky_solve, which checks for
         # errors (a host read). A failed factorisation (C indefinite by rounding, with huge weights)
         # leaves a meaningless partial factor: its direction is taken only as far as F descends.
@@ -212,7 +212,7 @@ def _newton(
         steps = ladder / (step / y).amin(dim=-2, keepdim=True).clamp_max(-_SHORTEN / _LONGEST)
         candidates = torch.addcmul(y, step, steps)  # (..., T, K)
         # F's slope along the step at each candidate y + sΔ: Δᵀ(C(y + sΔ)) − Σ_i κ_i Δ_i (y_i + sΔ_i)^(−p).
-        pushed = candidates.reciprocal() if nash else kappa * candidates.pow(-power)
+        pushed = candidates.reciprocal() if kappa is None else kappa * candidates.pow(-power)
         slopes = torch.linalg.vecdot(_times(C, step), candidates, dim=-2) - torch.linalg.vecdot(step, pushed, dim=-2)
         slopes = slopes.unsqueeze(-2)
         # F is convex along the line, so the slopes fall along the ladder, and the longest candidate
@@ -226,4 +226,5 @@ def _newton(
 def _times(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``M v`` for a column ``v`` ``(..., T, 1)``: products and a sum per row, which give each entry of a batch
     what it would give the entry alone (BLAS need not: see ``_cone``'s batched linear algebra)."""
-    return torch.linalg.vecdot(M, v.mT).unsqueeze(-1)
+    product: torch.Tensor = torch.linalg.vecdot(M, v.mT)
+    return product.unsqueeze(-1)

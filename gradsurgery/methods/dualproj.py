@@ -7,8 +7,8 @@ the aggregator named DualProj by Quinton & Rey ("Jacobian Descent for Multi-Obje
     d = π_K(Σ_t p_t g_t),        K = {d : g_tᵀd ≥ 0 ∀t}
 
 with ``p`` the preference (uniform ``1/T`` by default). In Gram space ``π_K(Jᵀp) = Jᵀv*``,
-``v* = argmin_{v ≥ p} vᵀGv`` (GEM's dual; the paper's Proposition 1), solved by :mod:`._cone`: exactly
-by enumerating the active sets up to ``_cone.MAX_TASKS`` tasks, beyond by a fixed budget of
+``v* = argmin_{v ≥ p} vᵀGv`` (GEM's dual; the paper's Proposition 1), solved exactly by enumerating
+the active sets up to 9 tasks, beyond by a fixed budget of
 ``max_iter`` interior-point iterations finished exactly on the face they point to. ``d`` conflicts with
 no task, and gradients whose weighted mean conflicts with none (``Gp ≥ 0``) give ``w = T·p`` exactly.
 
@@ -68,7 +68,7 @@ def dualproj_weights(
     ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
     ``(..., T)``; each entry as the unbatched call gives it). ``pref_vector``: the preference ``p``
     (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a sequence, the same for every entry of
-    a batch; ``max_iter``: the interior point's iterations beyond ``_cone.MAX_TASKS`` tasks.
+    a batch; ``max_iter``: the interior point's iterations beyond 9 tasks.
     """
     check_gram(G)
     check_reduction(reduction)
@@ -93,7 +93,13 @@ METHOD = Method(
     doc=__doc__ or "",
     bibtex=BIBTEX,
     options=(
-        Option("pref_vector", None, check_preference, "the preference that weights the mean (None: uniform)"),
+        Option(
+            "pref_vector",
+            None,
+            check_preference,
+            "the preference that weights the mean (None: uniform)",
+            annotation="torch.Tensor | Sequence[float] | None",
+        ),
         Option("max_iter", _cone.DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the projection solve beyond 9 tasks"),
     ),
 )

@@ -71,7 +71,7 @@ def dwa_objective(
 METHOD = Method(
     name="DWA",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     options=(

@@ -11,14 +11,14 @@ TorchJD cites it; the equation the official code solves) ::
 summation, where that improves every task), ``α = 1`` is proportional fairness, exactly Nash-MTL's
 condition ``w_i (Gw)_i = 1`` (``nash_mtl``), and ``α → ∞`` max-min fairness. ``w`` minimises the strictly
 convex ``½wᵀGw − Σ_i h(w_i)`` with ``h'(w) = w^(−1/α)`` and exists exactly when some ``d`` has ``g_iᵀd > 0``
-for every task. ``_positive_system`` solves it by Newton's method on the device in ``max_iter``
+for every task. It is solved by Newton's method on the device in ``max_iter``
 iterations (default 20): the systems of the tests (``T ≤ 64``) reach rounding level within ~8, and
 random ones within 16 at ``α = 2`` when the gradients' norms are within about a factor 10 of each
 other; norms spread over eight decades (up to 24 iterations) and large ``α`` (``α = 10``: up to ~20,
 and ~100 over eight decades) need more, and a solve not accepted within the budget gives zero
 weights. ``T = 1`` is ``w = ‖g‖^(−2α/(1+α))``. A solve is accepted when
 its backward error is at most 1e-8 (the residual of the equation, ``max_i |w_i^(1/α) (Gw)_i − 1|``, is
-then at rounding level relative to the cancellation in ``(Gw)_i``; see ``_positive_system``).
+then at rounding level relative to the cancellation in ``(Gw)_i``).
 
 ``alpha = 2.0``: the value every run script of the official repository uses (CelebA, QM9, Meta-World
 MT10 and MT50); the paper tunes α per benchmark, and the code's own argument default, 1.0, would

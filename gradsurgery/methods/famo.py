@@ -97,7 +97,7 @@ def famo_objective(
 METHOD = Method(
     name="FAMO",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     options=(

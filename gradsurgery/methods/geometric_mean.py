@@ -45,7 +45,7 @@ def geometric_mean_objective(
 METHOD = Method(
     name="GeometricMean",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     loss=Objective(objective=geometric_mean_objective, positive=True),

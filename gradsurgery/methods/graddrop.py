@@ -52,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from typing_extensions import TypeIs
 
 from ._common import check_reduction
 from .spec import Method, Option
@@ -81,19 +82,21 @@ def check_graddrop_options(leak: Leak, T: int | None = None) -> None:
         if not leak.is_floating_point():
             raise ValueError(f"leak must be a floating-point tensor, got dtype {leak.dtype}")
         return
-    if _is_number(leak):
-        values = [leak]
-    else:
-        values = list(leak) if isinstance(leak, Sequence) and not isinstance(leak, str) else None
-    if values is None or not all(_is_number(v) for v in values):
+    values: list[object] | None = [leak] if _is_number(leak) else list(leak) if _is_sequence(leak) else None
+    numbers = [v for v in values or [] if _is_number(v)]
+    if values is None or len(numbers) != len(values):
         raise ValueError(f"leak must be a number in [0, 1], a sequence of them or a tensor, got {leak!r}")
-    if not all(0.0 <= v <= 1.0 for v in values):  # NaN fails both comparisons
+    if not all(0.0 <= v <= 1.0 for v in numbers):  # NaN fails both comparisons
         raise ValueError(f"leak must lie in [0, 1], got {leak!r}")
     if not _is_number(leak) and T is not None and len(values) != T:
         raise ValueError(f"leak has {len(values)} values but there are T={T} tasks")
 
 
-def _is_number(value: object) -> bool:
+def _is_sequence(value: object) -> TypeIs[Sequence[object]]:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _is_number(value: object) -> TypeIs[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -167,7 +170,15 @@ METHOD = Method(
     weights=_no_weights,
     doc=__doc__ or "",
     bibtex=BIBTEX,
-    options=(Option("leak", None, check_graddrop_options, "how much of each task's dropped gradient still leaks through (0: none)"),),
+    options=(
+        Option(
+            "leak",
+            None,
+            check_graddrop_options,
+            "how much of each task's dropped gradient still leaks through (0: none)",
+            annotation="float | Sequence[float] | torch.Tensor | None",
+        ),
+    ),
     random=True,
     combine=graddrop,
 )

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_gram, check_reduction, normalized, to_reduction
+from ._common import broadcasts_to, check_gram, check_reduction, normalized, to_reduction
 from .pcgrad import random_orders
 from .spec import Method, Option, State, finite_number, one_of
 
@@ -87,11 +87,7 @@ def check_gradvac_targets(targets: torch.Tensor | None, T: int, batch: tuple[int
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"targets must be a (T, T) tensor or None, got {type(targets).__name__}")
     shape = (*batch, T, T)
-    try:
-        fits = targets.shape[-2:] == (T, T) and torch.broadcast_shapes(targets.shape, shape) == shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not (targets.shape[-2:] == (T, T) and broadcasts_to(targets.shape, shape)):
         if not batch:
             raise ValueError(f"targets must have shape ({T}, {T}) for T={T} tasks, got {tuple(targets.shape)}")
         raise ValueError(

@@ -38,7 +38,7 @@ def imtl_l_objective(
 METHOD = Method(
     name="IMTLL",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     loss=Objective(

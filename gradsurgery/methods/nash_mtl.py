@@ -8,14 +8,14 @@ combination ``d = Σ_i α_i g_i`` whose weights solve (the paper's characterisat
 
 i.e. ``α_i · g_iᵀd = 1``: every task's gain is the inverse of its weight. ``α`` is the minimiser of the
 strictly convex ``½αᵀGα − Σ_i log α_i``; it exists exactly when some ``d`` has ``g_iᵀd > 0`` for every
-task (``0`` outside the convex hull of the gradients), singular ``G`` included. ``_positive_system``
-solves it by Newton's method on the device in ``max_iter`` iterations (default 16; random systems up to
+task (``0`` outside the convex hull of the gradients), singular ``G`` included. It is solved by
+Newton's method on the device in ``max_iter`` iterations (default 16; random systems up to
 ``T = 64`` reach rounding level within 12, typically 2 to 5, whatever the gradients' norms; a solve not
 accepted within the budget gives zero weights), ``T = 1`` and ``T = 2`` in closed form:
 ``α = 1/‖g‖`` (``d`` is the unit gradient) and ``α_i = 1 / (‖g_i‖·sqrt(1 + cos θ))`` (``d`` is the bisector
 ``(ĝ_1 + ĝ_2)/sqrt(1 + cos θ)``). A solve is accepted when its backward error is at most 1e-8: the
 certificate ``max_i |α_i (Gα)_i − 1|`` is then at rounding level relative to the cancellation in
-``(Gα)_i`` (see ``_positive_system``).
+``(Gα)_i``.
 
 **Scale.** The weights' scale is intrinsic (``Σ_i α_i(Gα)_i = T`` fixes it), so it is kept: this is the
 sum scale (``reduction="mean"`` divides by ``T``, as for every method). ``α(sG) = α(G)/√s``, so the update

@@ -47,7 +47,7 @@ def rlw_loss_objective(
 METHOD = Method(
     name="RLWLoss",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     random=True,

@@ -9,8 +9,11 @@ The weights function is pure math on the Gram matrix (see DESIGN.md)::
 
     weights(G, *, reduction, **options, [losses=], [generator=], [solve=], [**state]) -> w | (w, state)
 
-``G`` is ``(T, T)``; ``w`` is ``(T,)`` float64 on ``G``'s device, on the method's documented scale
-(the sum scale for methods whose paper defines a mean); ``reduction="mean"`` divides by ``T``.
+``G`` is ``(T, T)``, or a batch ``(..., T, T)`` of independent problems (``granularity=`` solves one
+per block in one call); ``w`` is ``(T,)`` (``(..., T)``) float64 on ``G``'s device, each entry what the
+unbatched call gives, on the method's documented scale (the sum scale for methods whose paper defines
+a mean); ``reduction="mean"`` divides by ``T``. A method's options are typed for the wrappers'
+signatures and the type stubs by their checks (or ``Option(annotation=)``).
 ``losses`` is passed only to methods that read the loss values, ``generator`` to those that draw
 random numbers, ``solve`` (a fused single-program Triton solve, or ``None``) to those that have one,
 and the state tensors, by name, to stateful methods, which return ``(w, new_state)``.
@@ -23,7 +26,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-Check = Callable[[Any], None]
+@dataclass(frozen=True)
+class Check:
+    """A check of an option's value, with the type it accepts: ``annotation`` is a type expression
+    (``"float"``, ``"Literal['min', 'median']"``) for the wrappers' signatures and the type stubs."""
+
+    run: Callable[[Any], None]
+    annotation: str = "Any"
+
+    def __call__(self, value: Any) -> None:
+        self.run(value)
 
 
 @dataclass(frozen=True)
@@ -31,13 +43,22 @@ class Option:
     """One keyword option of a method: its name, default, check and one line of documentation.
 
     ``check(value)`` raises ``ValueError`` (``TypeError`` for a wrong type) naming the option and
-    the value; it sees the value alone (checks that need ``T`` run on the first step).
+    the value; it sees the value alone (checks that need ``T`` run on the first step). The option's
+    type is the check's (a :class:`Check` from the helpers below) unless ``annotation`` says otherwise.
     """
 
     name: str
     default: Any
-    check: Check
+    check: Callable[[Any], None]
     doc: str
+    annotation: str | None = None
+
+    @property
+    def hint(self) -> str:
+        """The type expression of the option's values (``"Any"`` when neither it nor its check says)."""
+        if self.annotation is not None:
+            return self.annotation
+        return self.check.annotation if isinstance(self.check, Check) else "Any"
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,7 @@ class Method:
 
     name: str  # the wrapper class: gs.<name>
     function: str | None  # gs.functional.<function> and <function>_weights (None: no functional pair)
-    weights: Callable[..., Any]
+    weights: Callable[..., Any] | None  # None: a loss-weighting method (it has no weights from G)
     doc: str  # the math, defaults and differences from the official code (the module docstring)
     bibtex: str = ""
     options: tuple[Option, ...] = ()
@@ -122,7 +143,7 @@ def one_of(name: str, choices: tuple[Any, ...]) -> Check:
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
-    return check
+    return Check(check, f"Literal[{', '.join(repr(choice) for choice in choices)}]")
 
 
 def positive_int(name: str) -> Check:
@@ -130,7 +151,7 @@ def positive_int(name: str) -> Check:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
 
-    return check
+    return Check(check, "int")
 
 
 def finite_number(name: str, *, low: float = float("-inf"), high: float = float("inf"), low_open: bool = False) -> Check:
@@ -144,7 +165,7 @@ def finite_number(name: str, *, low: float = float("-inf"), high: float = float(
             bound = f"{'(' if low_open else '['}{low}, {high}]"
             raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
 
-    return check
+    return Check(check, "float")
 
 
 def optional(check: Check) -> Check:
@@ -152,8 +173,4 @@ def optional(check: Check) -> Check:
         if value is not None:
             check(value)
 
-    return maybe
-
-
-def anything(value: Any) -> None:
-    """For options whose check needs ``T`` (run with the weights)."""
+    return Check(maybe, f"{check.annotation} | None")

@@ -94,13 +94,13 @@ def stch_objective(
 METHOD = Method(
     name="STCH",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     options=(
         Option("mu", 1.0, finite_number("mu", low=0.0, low_open=True), "smoothing of the maximum (official MTL default 1.0)"),
         Option("ideal", "zero", one_of("ideal", IDEALS), "ideal point: 0, or each task's running minimum"),
-        Option("warmup", 0, _non_negative_int, "backward() calls of Σ log L whose mean loss is the nadir (0: none)"),
+        Option("warmup", 0, _non_negative_int, "backward() calls of Σ log L whose mean loss is the nadir (0: none)", annotation="int"),
     ),
     loss=Objective(objective=stch_objective, init=stch_state, positive=lambda options: options["warmup"] > 0),
 )

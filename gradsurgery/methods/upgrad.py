@@ -17,7 +17,7 @@ The paper defines the uniform preference as a mean, so the weights are put on th
 ``w = T·Σ_i p_i v*(e_i)`` (``reduction="mean"`` divides by ``T`` and gives TorchJD's weights for the same
 ``pref_vector``). ``T = 2`` has the closed form ``v*(e_1) = (1, max(0, −G_12/G_22))`` (the projection of
 ``g_1`` off ``g_2`` when they conflict) and its mirror image; otherwise the ``T`` projections are solved
-together by :mod:`._cone`: exactly by enumerating the active sets up to ``_cone.MAX_TASKS`` tasks, and
+together: exactly by enumerating the active sets up to 9 tasks, and
 beyond by a fixed budget of ``max_iter`` interior-point iterations finished exactly on the face they
 point to. Positively homogeneous: the weights are invariant to a positive rescaling of ``G``. Nearly
 opposite gradients make the cone thin and the exact projection's weights large (they are not capped):
@@ -119,8 +119,7 @@ def upgrad_weights(
     ``G`` is ``(T, T)`` or a batch ``(..., T, T)`` of independent problems, solved together (``w`` is
     ``(..., T)``; each entry as the unbatched call gives it). ``pref_vector``: the preference ``p``
     (``None``: ``1/T`` each), a ``(T,)`` tensor on G's device or a sequence, the same for every entry of
-    a batch (an option, like the others); ``max_iter``: the interior point's iterations beyond
-    ``_cone.MAX_TASKS`` tasks.
+    a batch (an option, like the others); ``max_iter``: the interior point's iterations beyond 9 tasks.
     """
     check_gram(G)
     check_reduction(reduction)
@@ -156,7 +155,13 @@ METHOD = Method(
     doc=__doc__ or "",
     bibtex=BIBTEX,
     options=(
-        Option("pref_vector", None, check_preference, "the preference over the tasks' projections (None: uniform)"),
+        Option(
+            "pref_vector",
+            None,
+            check_preference,
+            "the preference over the tasks' projections (None: uniform)",
+            annotation="torch.Tensor | Sequence[float] | None",
+        ),
         Option("max_iter", _cone.DEFAULT_ITERATIONS, positive_int("max_iter"), "iterations of the projection solve beyond 9 tasks"),
     ),
 )

@@ -42,7 +42,7 @@ def uw_objective(
 METHOD = Method(
     name="UW",
     function=None,
-    weights=None,  # type: ignore[arg-type]
+    weights=None,
     doc=__doc__ or "",
     bibtex=BIBTEX,
     loss=Objective(

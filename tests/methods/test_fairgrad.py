@@ -142,7 +142,12 @@ def test_fairgrad_is_permutation_equivariant(T: int, kind: str, seed: int, alpha
     J = make_J(kind, T, 2 * T + 1, seed=seed)
     order = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
     expected = _weights(J, alpha=alpha)[order.numpy()]
-    np.testing.assert_allclose(_weights(J[order], alpha=alpha), expected, rtol=1e-11, atol=0)
+    # The permuted problem sums in another order: a rounding the weights' spread amplifies (a
+    # rank-deficient G gives weights 1e7 apart, and the small ones carry the large ones' rounding).
+    positive = expected[expected > 0]
+    spread = positive.max() / positive.min() if positive.size else 1.0
+    rtol = max(1e-11, np.finfo(np.float64).eps * T * spread)
+    np.testing.assert_allclose(_weights(J[order], alpha=alpha), expected, rtol=rtol, atol=0)
 
 
 @given(
