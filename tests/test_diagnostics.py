@@ -218,3 +218,48 @@ def test_conflict_history_of_a_method_without_weights() -> None:
     ax = Figure().subplots()
     assert plot_conflict_history(history, ax, window=1) is ax
     assert list(ax.get_lines()[0].get_ydata()) == [0.0, 1.0] and len(ax.get_lines()) == 1
+
+
+def test_block_conflicts_plot_has_a_row_per_block_and_a_cell_per_step() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    import gradsurgery as gs
+    from gradsurgery.plot import plot_block_conflicts
+
+    # A two-layer model whose tasks agree on the first layer and conflict on the second.
+    torch.manual_seed(0)
+    first, second = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = gs.Sum(torch.optim.SGD([first, second], lr=0.0), granularity="parameter")
+    history = []
+    for _ in range(4):
+        opt.zero_grad()
+        opt.backward([first.sum() + second.sum(), first.sum() - second.sum()])
+        history.append(opt.diagnostics())
+    ax = Figure().subplots()
+    assert plot_block_conflicts(history, ax, block_names=["first", "second"], window=2) is ax
+    rates = ax.collections[0].get_array().reshape(2, 4)
+    assert rates.tolist() == [[0.0] * 4, [1.0] * 4]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    ("history", "kwargs", "match"),
+    [
+        pytest.param([], {}, "empty", id="empty"),
+        pytest.param([{"conflicts": 0, "norms": [1.0, 1.0]}], {}, "granularity=", id="no-blocks"),
+        pytest.param([{"blocks": [{"conflicts": 0, "norms": [1.0]}]}] * 2, {"block_names": ["a", "b"]}, "block_names", id="names"),
+        pytest.param(
+            [{"blocks": [{"conflicts": 0, "norms": [1.0]}]}, {"blocks": []}], {}, "different numbers of blocks", id="ragged"
+        ),
+        pytest.param([{"blocks": [{"conflicts": 0, "norms": [1.0]}]}], {"window": 0}, "window", id="window"),
+    ],
+)
+def test_block_conflicts_plot_refuses_bad_history(history: list, kwargs: dict, match: str) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from gradsurgery.plot import plot_block_conflicts
+
+    with pytest.raises(ValueError, match=match):
+        plot_block_conflicts(history, Figure().subplots(), **kwargs)
