@@ -1,4 +1,5 @@
-"""``python -m bench``: the joint-training study (toy, MultiDigits, conflict sweep) into one folder.
+"""``python -m bench``: the joint-training study (toy, MultiDigits with 2 and 4 tasks, conflict sweep) into one
+folder per configuration.
 
 Every argument is checked before any training starts, so a typo costs a second, not a run.
 """
@@ -22,21 +23,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Reproducible joint-training study of gradsurgery's methods: the CAGrad toy, MultiDigits "
-        "(two overlapping digits, one shared encoder) and a conflict sweep. Writes results.json, results.md, "
-        "results.tex and PNG figures. Default: about 5 minutes on 2 CPU cores.",
+        "(overlapping digits, one shared encoder, 2 and 4 tasks) and a conflict sweep. Writes results.json, "
+        "results.md, results.tex and PNG figures into a subfolder of --out named after the configuration "
+        "(default, quick, default-sum+pcgrad, ...). The default run's measured time is in the README "
+        "('The joint-training study'); each run records its own in results.json.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run, under a minute (what CI runs)")
-    size.add_argument("--full", action="store_true", help="more seeds and epochs; the toy runs the paper's 100,000 steps")
+    size.add_argument("--full", action="store_true", help="5 seeds, longer training, more angles, and --tradeoff")
+    parser.add_argument(
+        "--tradeoff", action="store_true",
+        help="add the cheap-mode and loss-weighting comparison on MultiDigits with 4 tasks (PCGrad/CAGrad/MGDA "
+        "with every=1 and 4, every loss-weighting method): Δm%% against step time, tradeoff.png",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma list of methods (default: {','.join(METHODS)}): any registered method by its function or "
         "wrapper name in any case (e.g. sum,pcgrad,nash_mtl,graddrop or NashMTL), or mgda-ub (MGDA in "
-        "representation mode); the toy skips mean and mgda-ub",
+        "representation mode); the toy skips mean, mgda-ub and the loss-weighting methods that take logarithms, "
+        "and runs the other loss-weighting methods through the wrapper start by start (minutes at 100,000 steps)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 2 quick, 3, 5 full)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT,
+        help=f"base folder (default: {DEFAULT_OUT}); the results go to its subfolder named after the configuration, "
+        "and a complete earlier run of the same configuration is moved to <subfolder>.previous",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for MultiDigits and the sweep (the toy always runs on CPU)")
     return parser
 
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.study.runner import run
 
     preset = "quick" if args.quick else "full" if args.full else "default"
-    config = make_config(preset, methods=methods, seeds=args.seeds, out=args.out, device=args.device)
+    config = make_config(preset, methods=methods, seeds=args.seeds, out=args.out, device=args.device, tradeoff=args.tradeoff)
     command = "python -m bench" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     return run(config, command)
 

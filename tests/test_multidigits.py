@@ -9,7 +9,17 @@ import torch
 pytest.importorskip("sklearn")
 
 from bench.study.digits_data import CANVAS, DIGIT, MultiDigits, build_multidigits  # noqa: E402
-from bench.study.multidigits import DigitsConfig, delta_m, make_net, run_method, summarize  # noqa: E402
+from bench.study.multidigits import (  # noqa: E402
+    FOUR,
+    TASKS,
+    DigitsConfig,
+    delta_m,
+    make_net,
+    run_method,
+    summarize,
+    table_rows,
+    task_targets,
+)
 
 SIZES = {"n_train": 300, "n_val": 120, "n_test": 100}
 
@@ -126,14 +136,65 @@ def test_one_epoch_of_a_method(data: MultiDigits, method: str) -> None:
 
 def test_summary_means_and_delta_m() -> None:
     runs = {
-        "stl": {"0": {"test_acc": [0.8, 0.6], "median_step_ms": 1.0}, "1": {"test_acc": [0.8, 0.6], "median_step_ms": 1.0}},
-        "sum": {"0": {"test_acc": [0.88, 0.6], "median_step_ms": 2.0}, "1": {"test_acc": [0.72, 0.6], "median_step_ms": 4.0}},
-        "mgda": {"0": {"test_acc": [0.8, 0.66], "median_step_ms": 6.0}, "1": {"test_acc": [0.8, 0.66], "median_step_ms": 6.0}},
+        "stl": {"0": {"test_acc": [0.8, 0.6]}, "1": {"test_acc": [0.8, 0.6]}},
+        "sum": {"0": {"test_acc": [0.88, 0.6]}, "1": {"test_acc": [0.72, 0.6]}},
+        "mgda": {"0": {"test_acc": [0.8, 0.66]}, "1": {"test_acc": [0.8, 0.66]}},
     }
-    summary = summarize(runs)
+    timing = {"sum": {"median_ms": 2.0, "ratio_to_sum": 1.0}, "mgda": {"median_ms": 3.0, "ratio_to_sum": 1.5}}
+    summary = summarize(runs, ("left", "right"), timing)
     assert summary["sum"]["test_left_mean"] == pytest.approx(80.0)
     assert summary["sum"]["test_left_std"] == pytest.approx(np.std([88.0, 72.0], ddof=1))
     assert summary["sum"]["delta_m_mean"] == pytest.approx(0.0, abs=1e-12)
     assert summary["mgda"]["delta_m_mean"] == pytest.approx(-5.0)
-    assert summary["mgda"]["step_ratio_to_sum"] == pytest.approx(2.0)
+    assert summary["mgda"]["delta_m_per_seed"] == pytest.approx([-5.0, -5.0])
+    # The ratio comes from the interleaved timing, not from the training runs.
+    assert summary["mgda"]["step_ratio_to_sum"] == 1.5 and summary["mgda"]["step_ms"] == 3.0
     assert summary["stl"]["step_ratio_to_sum"] is None
+    assert summarize(runs, ("left", "right"))["mgda"]["step_ratio_to_sum"] is None
+
+
+def test_four_task_targets() -> None:
+    labels = torch.tensor([[3, 7], [9, 2], [4, 4], [0, 9], [5, 5]])
+    y = task_targets(labels, FOUR.tasks)
+    assert FOUR.tasks == ("left", "right", "carry", "greater")
+    assert y.tolist() == [[3, 7, 1, 0], [9, 2, 1, 1], [4, 4, 0, 0], [0, 9, 0, 0], [5, 5, 1, 0]]
+    assert [TASKS[t].classes for t in FOUR.tasks] == [10, 10, 2, 2]
+    assert task_targets(labels, ("right", "left")).tolist() == labels.flip(1).tolist()
+
+
+def test_four_task_targets_on_the_data_are_balanced(data: MultiDigits) -> None:
+    y = task_targets(data.train.labels, FOUR.tasks)
+    # P(l + r ≥ 10) = 0.55 and P(l > r) = 0.45 for independent uniform digits: neither task is
+    # solved by predicting one class.
+    for column in (2, 3):
+        assert 0.3 < y[:, column].float().mean().item() < 0.7
+    assert torch.equal(y[:, 2], (data.train.labels.sum(1) >= 10).long())
+
+
+def test_net_heads_follow_the_tasks_classes() -> None:
+    z, outputs = make_net([TASKS[t].classes for t in FOUR.tasks])(torch.zeros(3, 1, CANVAS, CANVAS))
+    assert [o.shape for o in outputs] == [(3, 10), (3, 10), (3, 2), (3, 2)]
+
+
+@pytest.mark.parametrize("method", ["stl", "mgda", "pcgrad@2", "uw"])
+def test_one_epoch_with_four_tasks(data: MultiDigits, method: str) -> None:
+    cfg = DigitsConfig(n_train=300, n_val=120, n_test=100, epochs=1, batch_size=100, lr=1e-3, log_every=1)
+    result = run_method(method, data, cfg, seed=0, device=torch.device("cpu"), tasks=FOUR.tasks)
+    assert len(result["test_acc"]) == 4 and all(0 <= a <= 1 for a in result["test_acc"])
+    if method not in ("stl", "uw"):
+        history = result["diagnostics"]["history"]
+        assert len(history) == 3 and np.asarray(history[0]["cosine"]).shape == (4, 4)
+
+
+def test_table_rows_for_four_tasks() -> None:
+    row = {f"test_{t}_{s}": 50.0 for t in FOUR.tasks for s in ("mean", "std")}
+    summary = {
+        "stl": {**row, "step_ratio_to_sum": None, "step_ms": None},
+        "sum": {**row, "delta_m_mean": 1.0, "delta_m_std": 0.5, "step_ratio_to_sum": 1.0, "step_ms": 2.0},
+        "mgda@4": {**row, "test_carry_mean": 60.0, "delta_m_mean": -2.0, "delta_m_std": 0.5, "step_ratio_to_sum": 0.8,
+                   "step_ratio_quartiles": [0.75, 0.9], "step_ms": 1.6},
+    }
+    rows, bold = table_rows(summary, FOUR.tasks)
+    assert [r[0] for r in rows] == ["Single-task", "Sum", "MGDA (every 4)"]
+    assert rows[2][5] == "−2.00 ± 0.50" and rows[2][6] == "0.80× (0.75–0.90)" and rows[1][6] == "1.00×"
+    assert (2, 3) in bold and (2, 5) in bold

@@ -25,7 +25,7 @@ from bench.methods import CAGRAD_C
 
 from . import figures
 from .methods import known, label
-from .report import MakeBar, Report, Table
+from .report import Report, Table
 from .training import SharedBottom, train
 
 N_SINES = 3
@@ -140,7 +140,7 @@ def summarize(points: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[st
     return out
 
 
-TITLE = "3. Conflict sweep (shared-bottom regression, angle between the tasks)"
+TITLE = "Conflict sweep (shared-bottom regression, angle between the tasks)"
 
 
 def describe(data: dict[str, Any]) -> tuple[list[str], list[Table]]:
@@ -179,27 +179,32 @@ def describe(data: dict[str, Any]) -> tuple[list[str], list[Table]]:
     return notes, [table]
 
 
-def run_study(
-    cfg: ConflictConfig, methods: Sequence[str], seeds: Sequence[int], device: torch.device, report: Report,
-    make_bar: MakeBar,
-) -> None:
-    """Every method and the single-task reference at every angle and seed; flushed per point."""
+def prepare(cfg: ConflictConfig, methods: Sequence[str], seeds: Sequence[int], device: torch.device, report: Report) -> dict[str, Any]:
+    """Register the study (its methods: the single-task reference and ``methods``)."""
     data = report.study("conflict", TITLE, describe)
     floor = make_tasks(0.0, seed=seeds[0], dim=cfg.dim, n_train=cfg.n_train, n_test=cfg.n_test).noise_floor
     data.update({"config": asdict(cfg), "seeds": list(seeds), "cagrad_c": CAGRAD_C, "n_sines": N_SINES,
                  "noise": NOISE, "noise_floor": float(statistics.fmean(floor)), "device": str(device), "points": {}})
-    report.flush()
-    all_methods = ["stl", *methods]
-    steps = cfg.epochs * -(-cfg.n_train // cfg.batch_size)
-    with make_bar(len(seeds) * len(cfg.angles) * (len(all_methods) + 1) * steps, "conflict") as bar:
-        for seed in seeds:
-            for angle in cfg.angles:
-                for method in all_methods:
-                    bar.set_postfix_str(f"seed {seed}, {angle:g}°, {method}")
-                    point = run_point(method, angle, seed, cfg, device, bar.update)
-                    data["points"].setdefault(method, {}).setdefault(f"{angle:g}", {})[str(seed)] = point
-                    data["summary"] = summarize(data["points"])
-                    report.flush()
+    return data
+
+
+def run_unit(cfg: ConflictConfig, method: str, seed: int, device: str) -> dict[str, dict[str, Any]]:
+    """One unit of work (in a worker process): ``method`` (or ``"stl"``) at every angle for one seed."""
+    return {f"{angle:g}": run_point(method, angle, seed, cfg, torch.device(device), lambda n: None) for angle in cfg.angles}
+
+
+def store(data: dict[str, Any], method: str, seed: int, result: dict[str, dict[str, Any]]) -> str:
+    """A finished unit into the study's data, the summary recomputed; returns its log line's result."""
+    by_angle = data["points"].setdefault(method, {})
+    for angle in (f"{a:g}" for a in data["config"]["angles"]):
+        by_angle.setdefault(angle, {})[str(seed)] = result[angle]
+    data["summary"] = summarize(data["points"])
+    return headline(result)
+
+
+def headline(result: dict[str, dict[str, Any]]) -> str:
+    """A finished unit's one-line result for the log: the mean test loss at each angle."""
+    return "test loss by angle " + ", ".join(f"{a}° {sum(p['test_loss']) / 2:.3f}" for a, p in result.items())
 
 
 def draw(data: dict[str, Any], report: Report) -> None:

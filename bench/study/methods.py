@@ -20,7 +20,7 @@ METHODS: tuple[str, ...] = ("sum", "mean", "pcgrad", "cagrad", "mgda", "mgda-ub"
 # A study name → the registered method it runs through the wrapper's representation mode.
 # MGDA-UB is MGDA on the gradients of the shared representation.
 REPRESENTATION: dict[str, str] = {"mgda-ub": "mgda"}
-_SPECIAL_LABELS = {"stl": "Single-task", "mgda-ub": "MGDA-UB"}
+_SPECIAL_LABELS = {"stl": "Single-task", "naive": "sum(losses).backward()", "mgda-ub": "MGDA-UB"}
 
 
 def known() -> tuple[str, ...]:
@@ -33,9 +33,24 @@ def known() -> tuple[str, ...]:
     return tuple(out)
 
 
+def ordered(names: Sequence[str]) -> list[str]:
+    """``names`` (``"stl"``, ``"naive"``, methods, cheap modes) in table order: single-task first, then
+    the registry's order, a method's cheap modes right after it."""
+    rank = {name: i for i, name in enumerate(("stl", "naive", *known()))}
+
+    def place(name: str) -> tuple[int, int]:
+        method, every = split_entry(name)
+        return rank[method], every
+
+    return sorted(names, key=place)
+
+
 def label(name: str) -> str:
-    """The name a table or figure shows: ``Single-task``, ``MGDA-UB``, else the wrapper's class name."""
-    return _SPECIAL_LABELS.get(name) or lookup(name).name
+    """The name a table or figure shows: ``Single-task``, ``MGDA-UB``, else the wrapper's class name;
+    ``PCGrad (every 4)`` for a cheap mode."""
+    method, every = split_entry(name)
+    text = _SPECIAL_LABELS.get(method) or lookup(method).name
+    return text if every == 1 else f"{text} (every {every})"
 
 
 def canonical(name: str) -> str:
@@ -74,17 +89,31 @@ def parse_methods(text: str) -> list[str]:
     return [name for name in known() if name in resolved]
 
 
+def entry(method: str, every: int = 1) -> str:
+    """The name of a method run in a cheap mode: ``"pcgrad@4"`` is PCGrad with ``every=4``."""
+    return method if every == 1 else f"{method}@{every}"
+
+
+def split_entry(name: str) -> tuple[str, int]:
+    """``"pcgrad@4"`` → ``("pcgrad", 4)``; ``"pcgrad"`` → ``("pcgrad", 1)``."""
+    method, _, every = name.partition("@")
+    return method, int(every) if every else 1
+
+
 def make_optimizer(
     name: str, inner: torch.optim.Optimizer, *, seed: int, num_tasks: int, options: Options | None = None
 ) -> Any:
-    """The ``gradsurgery`` wrapper for the study's method ``name`` around ``inner`` for ``num_tasks``
-    tasks (``bench.methods.make_wrapper``: the benchmarks' options, ``options`` on top, ``seed``)."""
-    return make_wrapper(REPRESENTATION.get(name, name), inner, seed=seed, options=options, num_tasks=num_tasks)
+    """The ``gradsurgery`` wrapper for the study's method ``name`` (``"pcgrad@4"``: with ``every=4``) around
+    ``inner`` for ``num_tasks`` tasks (``bench.methods.make_wrapper``: the benchmarks' options, ``options``
+    on top, ``seed``)."""
+    method, every = split_entry(name)
+    cheap = {"every": every} if every != 1 else {}
+    return make_wrapper(REPRESENTATION.get(method, method), inner, seed=seed, options=options, num_tasks=num_tasks, **cheap)
 
 
 def joint_backward(opt: Any, name: str, losses: Sequence[torch.Tensor], features: torch.Tensor | None) -> None:
     """``opt.backward`` in the mode the method needs: representation mode for MGDA-UB."""
-    if name in REPRESENTATION:
+    if split_entry(name)[0] in REPRESENTATION:
         if features is None:
             raise ValueError(f"{name} needs the shared representation (features=)")
         opt.backward(list(losses), features=features)

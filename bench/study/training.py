@@ -49,6 +49,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_stepper(
+    net: SharedBottom, method: str | None, loss_fn: LossFn, *, lr: float, seed: int, options: Options | None = None
+) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], None]]:
+    """``(optimizer, step)``: Adam on ``net`` (through the wrapper of ``method``, or plain for
+    ``method=None``) and one training step ``step(x, y)`` (zero_grad → forward → backward → step),
+    the step the training loop runs and the interleaved step timing measures."""
+    inner = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = inner if method is None else make_optimizer(method, inner, seed=seed, num_tasks=len(net.heads), options=options)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        z, outputs = net(x)
+        losses = loss_fn(outputs, y)
+        if method is None:
+            torch.stack(losses).sum().backward()
+        else:
+            joint_backward(opt, method, losses, z)
+        opt.step()
+
+    return opt, step
+
+
 def train(
     net: SharedBottom,
     method: str | None,
@@ -68,13 +90,14 @@ def train(
     """Adam on minibatches of ``(inputs, targets)`` for ``epochs`` passes.
 
     ``method=None`` trains a single-task network with plain ``loss.backward()``; otherwise the joint
-    losses go through the wrapper ``method`` (``options``: method options replacing the benchmarks'). ``evaluate`` runs after every epoch; the gradient
-    diagnostics are read every ``log_every`` steps, outside the timed region, so the host sync they
-    cost does not show up in the step times.
+    losses go through the wrapper ``method`` (``"pcgrad@4"``: a cheap mode; ``options``: method options
+    replacing the benchmarks'). ``evaluate`` runs after every epoch; the gradient diagnostics are read
+    every ``log_every`` steps, outside the timed region. The step times recorded here are the run's
+    own (not interleaved with other methods): the study's step-time ratios come from
+    :mod:`bench.study.timing`.
     """
     device = inputs.device
-    inner = torch.optim.Adam(net.parameters(), lr=lr)
-    opt = inner if method is None else make_optimizer(method, inner, seed=seed, num_tasks=len(net.heads), options=options)
+    opt, train_step = make_stepper(net, method, loss_fn, lr=lr, seed=seed, options=options)
     order = torch.Generator().manual_seed(seed)
     log = RunLog()
     step = 0
@@ -86,14 +109,7 @@ def train(
             x, y = inputs[batch], targets[batch]
             _sync(device)
             began = time.perf_counter()
-            opt.zero_grad()
-            z, outputs = net(x)
-            losses = loss_fn(outputs, y)
-            if method is None:
-                torch.stack(losses).sum().backward()
-            else:
-                joint_backward(opt, method, losses, z)
-            opt.step()
+            train_step(x, y)
             _sync(device)
             log.step_seconds.append(time.perf_counter() - began)
             step += 1
