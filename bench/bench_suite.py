@@ -18,6 +18,11 @@ fresh process (``bench.suite.measure``). Every target of the issues is checked a
     python -m bench.bench_suite --report   # rewrite suite.md and the plot from the last recorded run
     python -m bench.bench_suite --report --run 20261201T011935Z   # ... from that recorded run
     python -m bench.bench_suite --profile gs-pcgrad-loop --model mlp --T 8   # where one variant's time goes
+    python -m bench.bench_suite --problems mlp:16 --budget-scale 2   # those problems' time rows only, longer
+
+A run limited by ``--problems`` records its time rows and their targets (``"partial": true``) but no
+tiny or memory rows, and leaves ``suite.md`` and the plot as they are (``--report`` skips it unless
+named with ``--run``).
 
 Rows are appended to ``bench/results/suite.jsonl``; ``bench/results/suite.md`` (the tables; the notes
 below its marker line are kept) and ``bench/results/step_time_vs_T.png`` are rewritten from the run.
@@ -77,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         "--report", action="store_true", help="re-render suite.md and the plot from the last recorded run"
     )
     parser.add_argument("--run", default=None, help="with --report: that complete run (its id) instead of the last")
+    parser.add_argument(
+        "--problems",
+        default=None,
+        help="only these problems' time rows, e.g. mlp:8,mlp:16 (no tiny or memory rows; suite.md left as it is)",
+    )
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every problem's timing budget")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -109,6 +120,14 @@ def main(argv: list[str] | None = None) -> None:
         profile(spec, args.profile)
         return
 
+    plan = {spec: (warmup, budget * args.budget_scale, extra) for spec, (warmup, budget, extra) in plan.items()}
+    if args.problems:
+        wanted = {tuple(p.split(":")) for p in args.problems.split(",")}
+        unknown = wanted - {(spec.model, str(spec.T)) for spec in plan}
+        if unknown:
+            parser.error(f"--problems: no problem {sorted(':'.join(u) for u in unknown)} in the plan")
+        plan = {spec: entry for spec, entry in plan.items() if (spec.model, str(spec.T)) in wanted}
+
     out = out_dir / "suite.jsonl"
     command = "python -m bench.bench_suite" + (" --quick" if args.quick else "")
     if args.report:
@@ -127,6 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     for spec, (warmup, budget, extra) in plan.items():
         kinds = (*KINDS, *extra)
         rows.append(bench_time(spec, kinds, warmup=warmup, budget_s=budget, out=out, run_id=run_id))
+    if args.problems:
+        checks = targets(rows, [], None)
+        wall = time.perf_counter() - started
+        harness.record(
+            out,
+            {"bench": "suite", "run": run_id, "kind": "targets", "partial": True, "problems": args.problems,
+             "budget_scale": args.budget_scale, "checks": checks, "wall_s": wall},
+        )  # fmt: skip
+        render(rows, [], None, checks, out_dir=out_dir, command=command, wall_s=wall, write=False)
+        print(f"recorded to {out} (partial run: suite.md left as it is); total {wall:.0f}s")
+        return
     tiny = bench_tiny(rounds=tiny_rounds, budget_s=tiny_budget, out=out, run_id=run_id)
     print("  tiny: done", flush=True)
     mems = (

@@ -422,3 +422,18 @@ def test_a_tiny_pytest_benchmark_run_groups_each_method_beside_naive_and_floor(t
     every = next(e for e in report["benchmarks"] if e["extra_info"]["kind"] == "gs-pcgrad-loop-every2")
     assert every["extra_info"]["steps_per_round"] == 2 and every["stats"]["iterations"] == 2
     assert report["gradsurgery"]["torch_threads"] == 1 and "library_digest" in report["gradsurgery"]["git"]
+
+
+def test_the_report_takes_the_last_complete_run_unless_a_partial_one_is_named(tmp_path: Path) -> None:
+    from bench.suite.report import load_last_run
+
+    lines = [
+        {"run": "A", "kind": "time", "T": 8},
+        {"run": "A", "kind": "targets", "wall_s": 1.0},
+        {"run": "B", "kind": "time", "T": 16},
+        {"run": "B", "kind": "targets", "partial": True, "wall_s": 2.0},
+    ]
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [r["T"] for r in load_last_run(path)[0]] == [8]
+    assert [r["T"] for r in load_last_run(path, "B")[0]] == [16]

@@ -361,9 +361,13 @@ def load_last_run(
     path: Path, run_id: str | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, float]:
     """The time, memory and tiny rows of the last complete run in ``path`` (one that ended with its
-    targets row), or of the complete run ``run_id``."""
+    targets row, not limited by ``--problems``), or of the run ``run_id`` (a partial one too)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    ends = [i for i, r in enumerate(records) if r.get("kind") == "targets" and run_id in (None, r.get("run"))]
+    ends = [
+        i
+        for i, r in enumerate(records)
+        if r.get("kind") == "targets" and (r.get("run") == run_id or (run_id is None and not r.get("partial")))
+    ]
     if not ends:
         raise SystemExit(f"no complete run{'' if run_id is None else ' ' + run_id} in {path}")
     last = ends[-1]
@@ -383,8 +387,9 @@ def render(
     out_dir: Path,
     command: str,
     wall_s: float,
+    write: bool = True,
 ) -> None:
-    """Print the tables, write ``suite.md`` (keeping its hand-written notes) and the plot."""
+    """Print the tables and (``write``) write ``suite.md`` (keeping its hand-written notes) and the plot."""
     print("\nStep time ÷ naive summation (ratio of medians, median of per-round ratios in brackets)")
     print(harness.format_table(*ratio_table(rows, "over_naive")))
     print("\nStep time ÷ the T-backward floor")
@@ -413,6 +418,8 @@ def render(
         )
     print("\nTargets (every case: suite.md and the targets row of suite.jsonl)")
     print(harness.format_table(["target", "met", "mixed", "missed", "range (paired)"], target_summary(checks)))
+    if not write:
+        return
 
     plot_path = out_dir / "step_time_vs_T.png"
     plot(rows, plot_path)
