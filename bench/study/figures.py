@@ -200,9 +200,9 @@ def digits_conflicts(
     if T > 2:
         axes[2].set_title(f"Cosine of each pair, {label(reference)}")
         axes[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
-    fig.suptitle(f"MultiDigits, {T} tasks: gradient conflicts over training (opt.diagnostics(); MGDA-UB's are "
-                 "the representation's gradients)" if "mgda-ub" in usable else
-                 f"MultiDigits, {T} tasks: gradient conflicts over training (opt.diagnostics())")
+    note = "; MGDA-UB's: the representation's gradients" if "mgda-ub" in usable else ""
+    fig.suptitle(f"MultiDigits, {T} tasks: gradient conflicts over training\n(opt.diagnostics(), mean over seeds{note})",
+                 fontsize=10)
     fig.savefig(path, dpi=DPI)
     return True, missing
 
