@@ -268,6 +268,18 @@ def test_cheap_and_granularity_variants_build_the_wrapper_they_name(kind: str) -
         assert wrapper.blocks is not None and len(wrapper.blocks) == (3 if kind.endswith("module") else 6)
 
 
+def test_the_floor_of_tasks_per_step_is_k_backward_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.suite.variants import Spec, cheap_kinds, make_step
+
+    assert cheap_kinds(tasks_per_step=3)[0] == "floor-tasks3"
+    step = make_step(Spec("mlp", 5, 4, width=8, inputs=4), "floor-tasks3")
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    step()
+    assert len(calls) == 3
+
+
 def test_a_sample_of_an_every_variant_is_one_whole_period() -> None:
     from bench.suite.variants import Spec, make_step, period_sample
 

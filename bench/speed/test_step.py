@@ -16,9 +16,11 @@ WRAPPER_MODES = ("loop", "batched", "repr")  # the engine part of gs-{name}-{mod
 
 
 def step_kinds(cfg: SpeedConfig) -> list[str]:
-    """The variants of one problem: naive, floor, each method in each mode (a loss-weighting method as
-    its one backward), then, with ``--bench-peers``, the peers of the methods that have one."""
+    """The variants of one problem: naive, floor (and ``floor-tasks{k}`` for a ``tps{k}`` mode), each
+    method in each mode (a loss-weighting method as its one backward), then, with ``--bench-peers``,
+    the peers of the methods that have one."""
     kinds = ["naive", "floor"]
+    kinds += [f"floor-tasks{mode.removeprefix('tps')}" for mode in cfg.modes if mode.startswith("tps")]
     for name in cfg.methods:
         if bm.kind(name) == "loss":
             kinds.append(f"gs-{name}")

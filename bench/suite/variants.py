@@ -13,7 +13,8 @@ Variants of one step (forward included, SGD, each on its own copy of the same in
 - ``naive``: ``sum(losses).backward(); step``;
 - ``floor``: ``T × torch.autograd.grad`` of all parameters and nothing else — what any method that
   needs the T task gradients pays at least; ``floor-batched``: the same T gradients from one vmapped
-  backward (the floor of a batched engine);
+  backward (the floor of a batched engine); ``floor-tasks{k}``: ``k`` such backward passes, of ``k − 1``
+  losses and the sum of the others (what ``tasks_per_step=k`` backpropagates): the floor of that mode;
 - ``gs-{name}-{loop,batched}``: our wrapper of the registered method ``name`` (``bench.methods``) in
   parameter mode, ``engine="loop"`` / ``"batched"``; ``gs-{name}-repr``: representation mode,
   ``opt.backward(losses, features=z)``; ``gs-{name}-loop-bf16``: the loop with
@@ -37,7 +38,8 @@ Options of our wrapper are suffixes after the engine, ``gs-{name}-loop-{option}`
   variant's :func:`make_step` closure is one step and carries ``period = k``: a timed sample is ``k``
   consecutive steps (:func:`period_sample`: one refresh and ``k − 1`` cheap steps, checked through
   ``opt.refreshed``), divided by ``k``;
-- ``tps{k}``: ``tasks_per_step=k`` (``k − 1`` drawn tasks and the mean of the others: ``k`` backward passes);
+- ``tps{k}``: ``tasks_per_step=k`` (``k − 1`` drawn tasks and the mean of the others: ``k`` backward
+  passes; ``floor-tasks{k}`` is their floor);
 - ``module``: ``granularity="module"`` with ``shared=`` the trunk (one block per layer);
   ``parameter``: ``granularity="parameter"`` (one block per shared parameter).
 
@@ -86,9 +88,11 @@ GRANULARITY_KINDS = tuple(f"gs-{m}-loop-{g}" for g in GRANULARITIES for m in ORI
 
 
 def cheap_kinds(*, every: int | None = None, tasks_per_step: int | None = None) -> tuple[str, ...]:
-    """The cheap modes of the original three (loop engine): ``every=k`` and ``tasks_per_step=k``."""
+    """The cheap modes of the original three (loop engine): ``every=k`` and ``tasks_per_step=k`` (with
+    ``floor-tasks{k}``, the floor of the latter)."""
     suffixes = ([f"every{every}"] if every else []) + ([f"tps{tasks_per_step}"] if tasks_per_step else [])
-    return tuple(f"gs-{m}-loop-{suffix}" for suffix in suffixes for m in ORIGINAL)
+    floor = (f"floor-tasks{tasks_per_step}",) if tasks_per_step else ()
+    return (*floor, *(f"gs-{m}-loop-{suffix}" for suffix in suffixes for m in ORIGINAL))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +263,17 @@ def make_step(spec: Spec, kind: str) -> Callable[[], None]:
         def step() -> None:
             _, losses = forward(spec, model, x, y)
             torch.autograd.grad(torch.stack(losses), params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+
+    elif kind.startswith("floor-tasks"):
+        k = int(kind.removeprefix("floor-tasks"))
+
+        def step() -> None:
+            _, losses = forward(spec, model, x, y)
+            rest = losses[k - 1]
+            for loss in losses[k:]:
+                rest = rest + loss
+            for t, loss in enumerate([*losses[: k - 1], rest]):
+                torch.autograd.grad(loss, params, retain_graph=t < k - 1, allow_unused=True)
 
     elif kind.startswith("gs-"):
         options = wrapper_options(kind, model)
