@@ -188,7 +188,19 @@ def _split(method: Method, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict
     options = method.checked(kwargs)
     if "losses" in extras and not method.uses_losses(options):
         extras.pop("losses")
+    if extras.get("losses") is not None:
+        _check_finite_losses(extras["losses"])
     return options, extras, reduction, backend
+
+
+def _check_finite_losses(losses: Any) -> None:
+    """Loss values the weights read must be finite, as the gradients must (one host sync)."""
+    values = torch.as_tensor(losses).detach()
+    finite = values.isfinite()
+    if bool(finite.all()):
+        return
+    tasks = sorted({index[-1] for index in (~finite).nonzero().tolist()}) if values.dim() else [0]
+    raise NonFiniteGradientError(f"non-finite loss value (NaN/Inf) for task(s) {tasks}", tasks=tasks)
 
 
 def _weights(method: Method, G: torch.Tensor, options: dict[str, Any], extras: dict[str, Any], reduction: str, backend: str) -> Any:

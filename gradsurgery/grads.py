@@ -36,8 +36,9 @@ def accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> No
     ``loss.backward()`` accumulates. Sparse gradients (``nn.Embedding(sparse=True)``) stay sparse.
 
     Like ``loss.backward()``, a fresh gradient that nothing else holds becomes ``.grad`` itself
-    instead of a copy: one that owns its whole storage (not a view), already in ``p``'s layout, and
-    not given to another parameter in the same call."""
+    instead of a copy: one that owns its whole storage (not a view), already in ``p``'s layout, not
+    given to another parameter in the same call, and of a parameter without tensor hooks (a hook may
+    have kept the gradient it was given: ``.grad`` must not alias it)."""
     handed: set[int] = set()  # storages that became a .grad in this call
     for p, grads in pairs:
         if not grads:
@@ -60,6 +61,8 @@ def accumulate_plain(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> No
 
 def _can_hand_over(p: torch.Tensor, value: torch.Tensor, handed: set[int]) -> bool:
     if value.is_sparse or value.requires_grad or value._base is not None or value.storage_offset() != 0:
+        return False
+    if p._backward_hooks:
         return False
     if value.dtype != p.dtype or value.device != p.device or value.stride() != grad_strides(p):
         return False

@@ -18,6 +18,7 @@ from typing import Any, Literal, cast, overload
 
 import torch
 
+from . import leaves as _leaves
 from .errors import NonFiniteGradientError
 from .grads import accumulate_plain, grad_norms
 from .hints import LossWeightingDiagnostics
@@ -112,14 +113,19 @@ class LossWeightingWrapper(MethodWrapper):
         weights = torch.autograd.grad(objective, stacked, retain_graph=True)[0]
         if scaler is not None:
             objective = scaler.scale(objective)
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        # The leaves the optimizer does not hold get the objective's gradient too, as from
+        # objective.backward() (see gradsurgery.leaves).
+        beyond = _leaves.beyond([objective], all_params(self.optimizer))
+        targets = [*params, *beyond.leaves]
+        grads = torch.autograd.grad(objective, targets, allow_unused=True)
         if self.nonfinite != "propagate":
             present = [g for g in grads if g is not None]
             if present and not bool(grad_norms(present).isfinite().all()):
                 self._refuse_nonfinite(list(range(T)), T)
                 return
         # From here on, .grad and the method's state change.
-        accumulate_plain([(p, [g]) for p, g in zip(params, grads) if g is not None])
+        accumulate_plain([(p, [g]) for p, g in zip(targets, grads) if g is not None])
+        _leaves.run_post_accumulate_hooks([*beyond.hooked, *beyond.leaves])
         outcome.method_state = new_state
         outcome.gram, outcome.weights = None, weights.detach().to(torch.float64)
         self._layout.num_tasks = T

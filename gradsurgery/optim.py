@@ -17,6 +17,7 @@ import torch
 from . import apply as _apply
 from . import backend as _backend
 from . import distributed as _distributed
+from . import leaves as _leaves
 from .errors import NonFiniteGradientError
 from .grads import grad_norms
 from .hints import ENGINES, NONFINITE_POLICIES, Backend, Diagnostics, Engine, Granularity, NonFinite, Reduction, Sync
@@ -44,6 +45,7 @@ from .prepare import (
 )
 from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_rows, pseudo_losses
 from .granularity import Granularity as CheckedGranularity
+from .sharing import Sharing
 from .state import Accumulation, Layout, Outcome
 from .taskgrads import SharedBuffer, reach
 
@@ -327,8 +329,34 @@ class GradSurgery(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             **self._method_state(),
             **self._cheap_state(),
+            **self._sharing_state(),
         }
         return state
+
+    def _sharing_state(self) -> dict[str, Any]:
+        """The shared set and owners read off the first step's values (see :mod:`gradsurgery.sharing`):
+        a resumed run must not read them again off another batch."""
+        sharing = self._layout.sharing
+        if sharing is None or self._layout.explicit_shared is not None:
+            return {}
+        index = {id(p): i for i, p in enumerate(all_params(self.optimizer))}
+        return {
+            "sharing": {
+                "num_tasks": sharing.num_tasks,
+                "shared": sorted(index[pid] for pid in sharing.shared if pid in index),
+                "owners": {index[pid]: t for pid, t in sharing.owners.items() if pid in index},
+            }
+        }
+
+    def _load_sharing_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("sharing")
+        if saved is None or self._layout.explicit_shared is not None:
+            return
+        params = all_params(self.optimizer)
+        self._layout.sharing = Sharing(
+            saved["num_tasks"], {id(params[i]) for i in saved["shared"]}, {id(params[i]): t for i, t in saved["owners"].items()}
+        )
+        self._layout.buffer = None  # rebuilt for that set by the next backward
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer).
@@ -357,6 +385,7 @@ class GradSurgery(torch.optim.Optimizer):
             self._outcome.skipped_steps = extra.get("skipped_steps", 0)
             self._load_method_state(extra)
             self._load_cheap_state(extra)
+            self._load_sharing_state(extra)
 
     # ------------------------------------------------------------------ the method
 
@@ -438,13 +467,42 @@ class GradSurgery(torch.optim.Optimizer):
     def _backward(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if scaler is not None:
             losses = _scaled(losses, scaler)
-        if self._dist is not None:
+        if not isinstance(losses, torch.Tensor):
+            losses = list(losses)  # an iterator is read once
+        try:
+            checked = check_losses(losses)
+        except (TypeError, ValueError):
+            if self._dist is None:
+                raise
+            # Bad input on one rank is refused by every rank together (see gradsurgery.distributed).
             return self._dist.backward(self._call(losses, features))
+        # What loss.backward() would also do: the other leaves' gradients (computed first, written
+        # only if this call is not refused) and the post-accumulate hooks (see gradsurgery.leaves).
+        extra = _leaves.beyond(checked, all_params(self.optimizer))
+        if not extra:
+            self._backward_checked(checked, features)
+            return
+        if self._dist is not None and any(isinstance(leaf, torch.nn.Parameter) for leaf in extra.leaves):
+            # DDP would average their gradients over the ranks; this wrapper does not know them.
+            raise ValueError(
+                "with torch.distributed, every parameter the losses reach must be in the wrapped optimizer: "
+                f"{sum(isinstance(leaf, torch.nn.Parameter) for leaf in extra.leaves)} are not (a second optimizer's?)"
+            )
+        extra_grads = _leaves.gradients(checked, extra.leaves)
+        already_skipped = self._accumulation.skip
+        self._backward_checked(checked, features)
+        if self._accumulation.skip and not already_skipped:
+            return
+        _leaves.accumulate(extra.leaves, extra_grads)
+        _leaves.run_post_accumulate_hooks([*extra.hooked, *extra.leaves])
+
+    def _backward_checked(self, checked: list[torch.Tensor], features: torch.Tensor | None) -> None:
+        if self._dist is not None:
+            return self._dist.backward(self._call(checked, features))
         cheap = self._cheap
         if cheap.every == 1 and cheap.tasks_per_step is None:
-            self._backward_full(losses, features)
+            self._backward_full(checked, features)
             return
-        checked = check_losses(losses)
         if cheap.tasks_per_step is not None and cheap.tasks_per_step > len(checked):
             raise ValueError(f"tasks_per_step={cheap.tasks_per_step} is more than the {len(checked)} losses given")
         if not self._accumulation.continues():
@@ -618,7 +676,10 @@ class GradSurgery(torch.optim.Optimizer):
             # The rescue check read G's diagonal back already: when it was in range and nothing else
             # needs checking, a second host sync would find nothing.
             whole = None if G is None else G if G.dim() == 2 else G.sum(0)
-            if (not in_range or any(checked)) and self._refuse_nonfinite(nonfinite_tasks(whole, checked), prepared.num_tasks):
+            values = prepared.loss_values
+            if (not in_range or any(checked) or values is not None) and self._refuse_nonfinite(
+                nonfinite_tasks(whole, checked, values), prepared.num_tasks
+            ):
                 return
         # From here on, .grad changes.
         _apply.open_writes(grads, self._layout, self._accumulation, accumulate=accumulate)
@@ -651,7 +712,7 @@ class GradSurgery(torch.optim.Optimizer):
         G, _ = rescue_gram(J, self._grad_options)
         if self.nonfinite != "propagate":
             heads = per_task(grads.specific, grads.specific_tasks, T)
-            if self._refuse_nonfinite(nonfinite_tasks(G, heads), T):
+            if self._refuse_nonfinite(nonfinite_tasks(G, heads, prepared.loss_values), T):
                 return
         combined = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
         result = aggregate(J, [Target(slice(None), combined)], self._weights_of(prepared.loss_values), backend=self.backend, G=G, elementwise=self._elementwise())
@@ -674,7 +735,8 @@ class GradSurgery(torch.optim.Optimizer):
             return False
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
-                f"non-finite gradient (NaN/Inf, or a squared norm that overflows) for task(s) {bad}; "
+                f"non-finite gradient (NaN/Inf, or a squared norm that overflows), or a non-finite loss value where "
+                f"the method reads them, for task(s) {bad}; "
                 "no .grad, parameter or optimizer state was changed",
                 tasks=bad,
             )

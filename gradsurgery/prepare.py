@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
+import warnings
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, cast
 
 import torch
@@ -114,6 +118,13 @@ def prepare(
         prepared.features = feature_gradients(checked, features, params)
     else:
         prepared.parameters = task_gradients_of(checked, params, layout, options, accumulate=accumulate, write_early=write_early)
+        if prepared.parameters.shared and isinstance(optimizer, torch.optim.SparseAdam):
+            raise ValueError(
+                "SparseAdam takes sparse gradients only, and a shared parameter's .grad is the dense combination "
+                "of the tasks' gradients: train the shared parameters with a dense optimizer (Adam), and keep "
+                "SparseAdam for task-specific embeddings, or in a second optimizer, whose parameters get their "
+                "plain (sparse) gradient"
+            )
     return prepared
 
 
@@ -262,7 +273,9 @@ def _sharing_after(
             for i in present:
                 nonzero[t][i] = values[position] != 0  # NaN and Inf count as non-zero
                 position += 1
-        return Sharing(T, *classify(ids, structural, nonzero))
+        shared, owners = classify(ids, structural, nonzero)
+        _warn_undecided(ids, structural, nonzero, owners, options.nonfinite)
+        return Sharing(T, shared, owners)
     sharing = current or Sharing(T)
     reached = sharing.reached(ids, structural)
     promoted = {pid for pid, column in zip(ids, zip(*reached)) if pid not in sharing.shared and sum(column) > 1}
@@ -274,6 +287,45 @@ def _sharing_after(
         raise ValueError("a parameter became shared between accumulated backward() calls; pass shared= to fix the set")
     owners = {pid: t for pid, t in sharing.owners.items() if pid not in promoted}
     return Sharing(T, sharing.shared | promoted, owners)
+
+
+def _warn_undecided(
+    ids: list[int], structural: list[list[bool]], nonzero: list[list[bool]], owners: dict[int, int], nonfinite: str
+) -> None:
+    """Say when the first step's values leave sharing open for good: a parameter several tasks' graphs
+    reach whose gradients are all zero (taken as shared: a task absent from a fused batch leaves its
+    head so), or, with ``nonfinite="propagate"`` (which never reads back again), one whose gradient
+    only one task made non-zero (taken as that task's: a task absent from the first batch leaves the
+    trunk so)."""
+    zero = [i for i in range(len(ids)) if sum(row[i] for row in structural) > 1 and not any(row[i] for row in nonzero)]
+    owned = sorted(i for i, pid in enumerate(ids) if pid in owners) if nonfinite == "propagate" else []
+    if not zero and not owned:
+        return
+    said = []
+    if zero:
+        said.append(f"parameter(s) {zero} (positions among the optimizer's trainable ones) had a zero gradient "
+                    "for every task and are taken as shared")
+    if owned:
+        said.append(f"parameter(s) {owned} had a non-zero gradient for one task only and are taken as that task's "
+                    "(with nonfinite='propagate' this reading is never revisited)")
+    warnings.warn(
+        "which parameters are shared was read off the first step's gradients: " + "; ".join(said) + ". If a task "
+        "was absent from that batch or a head starts at zero, this is wrong for the rest of training: pass "
+        "shared= (the shared module or parameters) to fix the set.",
+        RuntimeWarning,
+        stacklevel=_outside_the_package(),
+    )
+
+
+def _outside_the_package() -> int:
+    """The ``stacklevel`` of the first caller outside gradsurgery and torch (``torch.compiler.disable``
+    sits between the user's ``opt.backward`` and the wrapper)."""
+    inside = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__ or ""))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _owned_but_shared(sharing: Sharing, ids: list[int], grads: list[list[torch.Tensor | None]]) -> set[int]:
@@ -330,13 +382,20 @@ def _check_untrained(losses: list[torch.Tensor], params: list[torch.Tensor], str
     unreached = frozenset(id(p) for p, column in zip(params, zip(*structural)) if not any(column))
     if not unreached or unreached == layout.unreached_checked:
         return
-    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in _walk(losses)):
-        raise ValueError(
-            "the losses' graph holds a torch.utils.checkpoint region with use_reentrant=True, whose parameters "
-            "only loss.backward() reaches: gradsurgery computes per-task gradients with torch.autograd.grad, so "
-            "they would never train. Use checkpoint(..., use_reentrant=False)."
-        )
+    if any(is_reentrant_checkpoint(node) for node in _walk(losses)):
+        raise ValueError(REENTRANT_CHECKPOINT)
     layout.unreached_checked = unreached
+
+
+REENTRANT_CHECKPOINT = (
+    "the losses' graph holds a torch.utils.checkpoint region with use_reentrant=True, whose parameters only "
+    "loss.backward() reaches: gradsurgery computes per-task gradients with torch.autograd.grad, so they would "
+    "never train. Use checkpoint(..., use_reentrant=False)."
+)
+
+
+def is_reentrant_checkpoint(node: object) -> bool:
+    return type(node).__name__ == "CheckpointFunctionBackward"
 
 
 def _write_row(buffer: SharedBuffer, task: int, params: list[torch.Tensor], row: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -481,8 +540,10 @@ def check_losses(losses: Losses) -> list[torch.Tensor]:
     return items
 
 
-def nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]]) -> list[int]:
-    """Tasks whose squared norm ``G[t, t]`` or listed gradients are NaN/Inf. Reads ``T`` flags back: one host sync."""
+def nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]], values: torch.Tensor | None = None) -> list[int]:
+    """Tasks whose squared norm ``G[t, t]``, listed gradients or, for a method that reads them, loss
+    ``values`` are NaN/Inf (a NaN loss over an empty batch has zero gradients, but would make the
+    weights NaN). Reads ``T`` flags back: one host sync."""
     T = len(checked)
     tensors = [g for row in checked for g in row]
     device = G.device if G is not None else (tensors[0].device if tensors else torch.device("cpu"))
@@ -492,6 +553,8 @@ def nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]]) -
         bad |= torch.stack([part.any() for part in torch.split(flags, [len(row) for row in checked])])
     if G is not None:
         bad |= ~G.diagonal().isfinite()  # the diagonal: an off-diagonal NaN would blame both tasks
+    if values is not None:
+        bad |= ~values.to(device).isfinite()
     return bad.nonzero().flatten().tolist()
 
 

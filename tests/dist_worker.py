@@ -284,6 +284,10 @@ def check_bad_input(rank: int, world: int) -> dict[str, Any]:
     out["sync-differs"] = _error(lambda: backward(opt, model, x, y, False))
 
     model = make_model(world)
+    opt = METHODS["MGDA"](inner(p for name, p in model.named_parameters() if name != "pair"), sync="exact")
+    out["outside-optimizer"] = _error(lambda: backward(opt, model, x, y, False))
+
+    model = make_model(world)
     opt = make_wrapper("PCGrad", model, "exact", seed=rank)
     out["seed-differs"] = _error(lambda: backward(opt, model, x, y, False))
 

@@ -278,6 +278,7 @@ BAD_INPUT = {
     "seed-differs": "disagree on the generator state",
     "zero-grad-differs": "disagree on the accumulation state",
     "unknown-sync": "sync must be one of",
+    "outside-optimizer": "every parameter the losses reach must be in the wrapped optimizer",
 }
 
 
