@@ -544,7 +544,9 @@ class GradSurgery(torch.optim.Optimizer):
             cheap.weights = None
             return
         cheap.weights = weights if drawn is None else expand(weights, drawn, T)
-        cheap.owners = self._owners(losses)
+        # The heads' owners serve the weighted steps between refreshes: with every=1 there are none
+        # (a graph walk per step saved).
+        cheap.owners = self._owners(losses) if cheap.every > 1 else {}
         self._outcome.refreshed = True
 
     def _owners(self, losses: list[torch.Tensor]) -> dict[int, int]:
