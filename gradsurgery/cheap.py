@@ -13,13 +13,24 @@
     refresh step's.
 
 ``tasks_per_step=k``
-    Each step draws ``k − 1`` tasks uniformly without replacement (a CPU ``torch.Generator`` seeded by
-    ``seed``, drawn from torch's global generator when ``None``) and makes the other ``m = T − k + 1``
-    one pseudo-task: ``k`` backward passes (CAGrad's official ``cagrad_fastk``, SDMGrad-OS). The
-    weights come from the Gram matrix of the drawn gradients and the *mean* of the others; the update
-    gives each of the others the pseudo-task's weight on its own gradient, so uniform weights are
-    ``Sum``'s update and the heads of the others get their plain gradient. ``k = T`` is the full
-    method.
+    Each step draws ``k − 1`` tasks uniformly without replacement (a CPU ``torch.Generator`` seeded
+    from torch's global generator when the wrapper is built: ``torch.manual_seed`` before it makes the
+    draws reproducible; its state is in ``state_dict``) and makes the other ``m = T − k + 1`` one
+    pseudo-task: ``k`` backward passes (CAGrad's official ``cagrad_fastk``, SDMGrad-OS). The weights
+    come from the Gram matrix of the drawn gradients and the *mean* of the others (and their mean
+    loss, for a method that reads the values); the update gives each of the others the pseudo-task's
+    weight on its own gradient, so uniform weights are ``Sum``'s update and the heads of the others
+    get their plain gradient, as does a parameter that only the others reach (on that step it is the
+    pseudo-task's alone). ``k = T`` is the full method. Losses given as one tensor are refused: which
+    head is whose cannot be told apart from step to step (pass ``shared=``).
+
+Both count steps, not calls: the ``backward`` calls of an accumulation are one step, in parameter and
+representation mode alike. Between refreshes, a parameter outside the surgery that several tasks
+reach (outside an explicit ``shared=``) gets its plain gradient from a second backward restricted to
+it; in representation mode, a path from a loss to the encoder around the features is weighted with
+the rest (only the refresh steps give it its plain gradient). With ``nonfinite="propagate"`` a refresh
+whose weights are not finite (an overflow the GradScaler skips) is refreshed again on the next step:
+one host read per refresh.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ class Cheap:
     refreshing: bool = True  # the current step computes the weights
     weights: torch.Tensor | None = None
     owners: dict[int, int] = field(default_factory=dict)  # id(parameter) → its task
+    plain: set[int] = field(default_factory=set)  # id of each parameter outside the surgery several tasks reach
     generator: torch.Generator | None = None
     draw: Draw | None = None  # tasks_per_step: the current step's tasks
 
@@ -101,6 +113,16 @@ def mean_rows(G: torch.Tensor, drawn: Draw) -> torch.Tensor:
     scale = torch.ones(G.shape[-1], dtype=G.dtype, device=G.device)
     scale[-1:].fill_(1.0 / len(drawn.rest))
     return G * scale[:, None] * scale[None, :]
+
+
+def mean_last(values: torch.Tensor | None, drawn: Draw) -> torch.Tensor | None:
+    """The loss values with the last (the others' sum) divided by their number: the mean loss, beside
+    :func:`mean_rows`' mean gradient, for the methods that read the values."""
+    if values is None:
+        return None
+    out = values.clone()
+    out[-1:].div_(len(drawn.rest))
+    return out
 
 
 def expand(weights: torch.Tensor, drawn: Draw, num_tasks: int) -> torch.Tensor:

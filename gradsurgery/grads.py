@@ -88,6 +88,17 @@ def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(strided)])
 
 
+def grad_peaks(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The largest magnitude of each gradient (sparse ones by their stored values) as one float64
+    vector on the first one's device: finite exactly when the gradient is, where a 2-norm of finite
+    fp32 entries beyond ~1e19 overflows. What the non-finite checks read."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    device = grads[0].device
+    strided = [g._values() if g.is_sparse else g for g in grads]
+    return torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(strided, ord=float("inf"))])
+
+
 @dataclass
 class Written:
     """What the wrapper left in the shared parameters' ``.grad`` after its last write: per parameter

@@ -20,7 +20,7 @@ import torch
 
 from . import leaves as _leaves
 from .errors import NonFiniteGradientError
-from .grads import accumulate_plain, grad_norms
+from .grads import accumulate_plain, grad_peaks
 from .hints import LossWeightingDiagnostics
 from .methods.spec import Objective
 from .optim import MethodWrapper, state_tasks
@@ -120,9 +120,14 @@ class LossWeightingWrapper(MethodWrapper):
         grads = torch.autograd.grad(objective, targets, allow_unused=True)
         if self.nonfinite != "propagate":
             present = [g for g in grads if g is not None]
-            if present and not bool(grad_norms(present).isfinite().all()):
+            if present and not bool(grad_peaks(present).isfinite().all()):
                 self._refuse_nonfinite(list(range(T)), T)
                 return
+        if self.nonfinite == "propagate" and new_state:
+            # A non-finite loss makes this step's gradients non-finite (GradScaler skips the step): the
+            # method's state skips it too, on the device (FAMO's logits, DWA's history, STCH's warm-up).
+            finite = stacked.detach().isfinite().all()
+            new_state = {name: torch.where(finite, value, state[name]) if name in state and state[name].shape == value.shape else value for name, value in new_state.items()}
         # From here on, .grad and the method's state change.
         accumulate_plain([(p, [g]) for p, g in zip(targets, grads) if g is not None])
         _leaves.run_post_accumulate_hooks([*beyond.hooked, *beyond.leaves])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, cast, overload
 
 import torch
 
@@ -19,7 +19,7 @@ from . import backend as _backend
 from . import distributed as _distributed
 from . import leaves as _leaves
 from .errors import NonFiniteGradientError
-from .grads import grad_norms
+from .grads import Written, grad_peaks
 from .hints import ENGINES, NONFINITE_POLICIES, Backend, Diagnostics, Engine, Granularity, NonFinite, Reduction, Sync
 from .methods._common import check_reduction, to_reduction
 from .methods.spec import Method
@@ -34,16 +34,18 @@ from .prepare import (
     check_losses,
     check_real,
     check_shared,
+    one_tensor,
     eager,
     nonfinite_tasks,
     outside_autocast,
+    params_upstream_of,
     per_task,
     prepare,
     rescue_gram,
     features_extra,
     through_features,
 )
-from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_rows, pseudo_losses
+from .cheap import Cheap, Draw, backward_weights, check_every, check_tasks_per_step, draw, expand, mean_last, mean_rows, pseudo_losses
 from .granularity import Granularity as CheckedGranularity
 from .sharing import Sharing
 from .state import Accumulation, Layout, Outcome
@@ -154,6 +156,12 @@ class GradSurgery(torch.optim.Optimizer):
             raise TypeError(f"storage_dtype must be a torch.dtype (e.g. torch.bfloat16), got {storage_dtype!r}")
         if storage_dtype is not None and not storage_dtype.is_floating_point:
             raise ValueError(f"storage_dtype must be a floating-point torch.dtype, got {storage_dtype!r}")
+        if storage_dtype == torch.float16 and any(p.dtype in (torch.float32, torch.float64) for p in all_params(optimizer)):
+            # fp16 tops out at 65504: gradients of fp32 parameters, scaled by a GradScaler or not, overflow it.
+            raise ValueError(
+                "storage_dtype=torch.float16 cannot hold the gradients of float32/float64 parameters (its range ends "
+                "at 65504, below what a GradScaler's scaled gradients reach): use torch.bfloat16, which has fp32's range"
+            )
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -195,6 +203,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.every, self.tasks_per_step = every, tasks_per_step
         self._cheap = Cheap(every, tasks_per_step)
         self._slots: Draw | None = None  # tasks_per_step: this step's drawn tasks, while the full step runs
+        self._step_start: Any = None  # the draws and method state at the step's first backward
         if tasks_per_step is not None:
             self._cheap.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         if self._dist is not None and (every > 1 or tasks_per_step is not None):
@@ -427,6 +436,13 @@ class GradSurgery(torch.optim.Optimizer):
     def _generator(self) -> torch.Generator | None:
         return None
 
+    def _draws_and_state(self) -> Any:
+        """What a random or stateful method's weights depend on besides ``G`` (``None``: nothing)."""
+        return None
+
+    def _restore_draws_and_state(self, saved: Any) -> None:
+        pass
+
     # ------------------------------------------------------------------ backward
 
     @eager
@@ -465,10 +481,17 @@ class GradSurgery(torch.optim.Optimizer):
             self._backward(losses, features, scaler)
 
     def _backward(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
+        if isinstance(losses, Iterator):
+            losses = list(losses)  # read once, by the checks here and the path below
         if scaler is not None:
+            if self.nonfinite == "skip":
+                # A skipped batch leaves .grad as it was: the scaler then sees no inf, never backs off,
+                # and with cleared gradients cannot step at all.
+                raise ValueError(
+                    "nonfinite='skip' with a GradScaler: the scaler must see the overflow to skip the step and back off; "
+                    "use nonfinite='propagate' (the AMP setting)"
+                )
             losses = _scaled(losses, scaler)
-        if not isinstance(losses, torch.Tensor):
-            losses = list(losses)  # an iterator is read once
         try:
             checked = check_losses(losses)
         except (TypeError, ValueError):
@@ -497,6 +520,12 @@ class GradSurgery(torch.optim.Optimizer):
         _leaves.run_post_accumulate_hooks([*extra.hooked, *extra.leaves])
 
     def _backward_checked(self, checked: list[torch.Tensor], features: torch.Tensor | None) -> None:
+        # A step's surgery is redone on every accumulated call, from the draws and state the step
+        # started with: the last call's is then the one a single call on the whole batch makes.
+        if not self._accumulation.continues():
+            self._step_start = self._draws_and_state()
+        elif self._step_start is not None:
+            self._restore_draws_and_state(self._step_start)
         if self._dist is not None:
             return self._dist.backward(self._call(checked, features))
         cheap = self._cheap
@@ -528,7 +557,8 @@ class GradSurgery(torch.optim.Optimizer):
         cheap = self._cheap
         T = len(losses)
         drawn = cheap.draw
-        if drawn is not None and self._layout.sharing is not None and self._layout.sharing.owners:
+        fused = self._layout.sharing is not None and bool(self._layout.sharing.owners)
+        if drawn is not None and self._layout.explicit_shared is None and (fused or one_tensor(losses)):
             raise ValueError(
                 "tasks_per_step with losses fused into one tensor (a stacked or vectorised loss, a compiled model): "
                 "which head belongs to which task cannot be told apart from step to step; pass shared= to name the "
@@ -543,52 +573,84 @@ class GradSurgery(torch.optim.Optimizer):
         if weights is None:  # refused (skip), or nothing shared: the next step refreshes again
             cheap.weights = None
             return
+        if cheap.every > 1 and self.nonfinite == "propagate" and not bool(weights.isfinite().all()):
+            # An overflowing refresh (its .grad is NaN: the GradScaler skips it) must not set the
+            # weights of the steps until the next one: refresh again. One host read per refresh.
+            cheap.weights = None
+            return
         cheap.weights = weights if drawn is None else expand(weights, drawn, T)
         # The heads' owners serve the weighted steps between refreshes: with every=1 there are none
         # (a graph walk per step saved).
-        cheap.owners = self._owners(losses) if cheap.every > 1 else {}
+        cheap.owners, cheap.plain = self._owners(losses, features) if cheap.every > 1 else ({}, set())
         self._outcome.refreshed = True
 
-    def _owners(self, losses: list[torch.Tensor]) -> dict[int, int]:
-        """The task of each task-specific parameter (a head), as the graph and the sharing tell."""
+    def _owners(self, losses: list[torch.Tensor], features: torch.Tensor | None) -> tuple[dict[int, int], set[int]]:
+        """For the parameters outside the surgery (the shared set; the encoder in representation mode):
+        the task of each that one task reaches (a head), as the graph and the sharing tell, and those
+        several tasks reach (outside an explicit ``shared=``, or heads of fused losses it names):
+        between refreshes they get their plain gradient."""
         params = [p for p in all_params(self.optimizer) if p.requires_grad]
-        shared = self._layout.sharing.shared if self._layout.sharing is not None else set()
-        owners = {pid: t for pid, t in (self._layout.sharing.owners.items() if self._layout.sharing else [])}
+        sharing = self._layout.sharing if features is None else None
+        if features is not None:
+            surgery = params_upstream_of(features)
+        else:
+            surgery = sharing.shared if sharing is not None else set()
+        owners = dict(sharing.owners) if sharing is not None else {}
+        plain: set[int] = set()
         for p, column in zip(params, zip(*reach(losses, params))):
+            if id(p) in surgery or id(p) in owners:
+                continue
             tasks = [t for t, hit in enumerate(column) if hit]
-            if id(p) not in shared and id(p) not in owners and len(tasks) == 1:
+            if len(tasks) == 1:
                 owners[id(p)] = tasks[0]
-        return owners
+            elif tasks:
+                plain.add(id(p))
+        return owners, plain
 
     def _backward_weighted(self, losses: list[torch.Tensor]) -> None:
         """Between refreshes: one backward of ``Σ_t w_t L_t``; each head's gradient divided by its task's
-        weight (its plain gradient)."""
+        weight (its plain gradient); a parameter outside the surgery that several tasks reach gets
+        its plain gradient from a second backward of ``Σ_t L_t``, restricted to it."""
         cheap = self._cheap
         assert cheap.weights is not None
         T = len(losses)
         params = [p for p in all_params(self.optimizer) if p.requires_grad]
         weights = backward_weights(cheap.weights)
         stacked = torch.stack([loss.reshape(()) for loss in losses])
-        grads = list(torch.autograd.grad(stacked, params, grad_outputs=weights.to(stacked.dtype), allow_unused=True))
+        plain = [i for i, p in enumerate(params) if id(p) in cheap.plain]
+        weighted = [i for i, p in enumerate(params) if id(p) not in cheap.plain]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        found = torch.autograd.grad(
+            stacked, [params[i] for i in weighted], grad_outputs=weights.to(stacked.dtype), retain_graph=bool(plain), allow_unused=True
+        )
+        for i, g in zip(weighted, found):
+            grads[i] = g
+        if plain:
+            ones = torch.ones_like(stacked)
+            for i, g in zip(plain, torch.autograd.grad(stacked, [params[i] for i in plain], grad_outputs=ones, allow_unused=True)):
+                grads[i] = g
         if self.nonfinite != "propagate":
             values = stacked.detach()
             bad = (~values.isfinite()).nonzero().flatten().tolist()
             present = [g for g in grads if g is not None]
-            if not bad and present and not bool(grad_norms(present).isfinite().all()):
+            if not bad and present and not bool(grad_peaks(present).isfinite().all()):
                 bad = list(range(T))
             if self._refuse_nonfinite(bad, T):
                 return
         for i, p in enumerate(params):
-            owner = cheap.owners.get(id(p))
-            if owner is not None and grads[i] is not None:
-                grads[i] = grads[i] / weights[owner].to(grads[i].dtype)
+            owner, grad = cheap.owners.get(id(p)), grads[i]
+            if owner is not None and grad is not None:
+                grads[i] = grad / weights[owner].to(grad.dtype)
         accumulation = self._accumulation
         if not accumulation.continues():
             accumulation.start()
         _apply.write_specific([(p, [g]) for p, g in zip(params, grads) if g is not None])
         accumulation.tasks = T
         accumulation.unstepped = True
-        accumulation.wrote(self._layout.buffer)
+        if self._layout.buffer is not None:
+            accumulation.wrote(self._layout.buffer)
+        else:  # representation mode: no buffer, the step ends when any .grad written here changes
+            accumulation.written = Written.of([p for p, g in zip(params, grads) if g is not None])
         self._outcome.refreshed = False
 
     def _cheap_state(self) -> dict[str, Any]:
@@ -601,6 +663,7 @@ class GradSurgery(torch.optim.Optimizer):
                 "steps": cheap.steps,
                 "weights": None if cheap.weights is None else cheap.weights.clone(),
                 "owners": {index[pid]: t for pid, t in cheap.owners.items() if pid in index},
+                "plain": sorted(index[pid] for pid in cheap.plain if pid in index),
                 "generator": None if cheap.generator is None else cheap.generator.get_state(),
             }
         }
@@ -614,6 +677,7 @@ class GradSurgery(torch.optim.Optimizer):
         cheap.steps = saved["steps"]
         cheap.weights = saved["weights"]
         cheap.owners = {id(params[i]): t for i, t in saved["owners"].items()}
+        cheap.plain = {id(params[i]) for i in saved.get("plain", [])}
         if cheap.generator is not None and saved["generator"] is not None:
             cheap.generator.set_state(saved["generator"].cpu())
 
@@ -634,7 +698,7 @@ class GradSurgery(torch.optim.Optimizer):
         if slots is None:
             return lambda G: to_reduction(self._weights(G, losses), self.reduction)
         # tasks_per_step: the last row is the sum of the others' gradients; their mean chooses the weights
-        return lambda G: to_reduction(self._weights(mean_rows(G, slots), losses), self.reduction)
+        return lambda G: to_reduction(self._weights(mean_rows(G, slots), mean_last(losses, slots)), self.reduction)
 
     def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         """:meth:`weights` for one Gram matrix, or for each block's (``granularity=``): a method of
@@ -721,7 +785,7 @@ class GradSurgery(torch.optim.Optimizer):
         encoder_grads = through_features(grads, combined, features_extra(J, combined, result, self.backend) if grads.bypass else None)
         if self.nonfinite != "propagate" and grads.bypass:
             # Only the paths around the features are new here: a NaN there is every task's at once.
-            norms = grad_norms([g for g in encoder_grads if g is not None])
+            norms = grad_peaks([g for g in encoder_grads if g is not None])
             if not bool(norms.isfinite().all()) and self._refuse_nonfinite(list(range(T)), T):
                 return
         pairs = [(p, [g]) for p, g in zip(grads.encoder, encoder_grads) if g is not None]
@@ -729,6 +793,11 @@ class GradSurgery(torch.optim.Optimizer):
         self._layout.num_tasks = T
         self._layout.checkpoint_tasks = None
         self._accumulation.unstepped = True
+        if self._cheap.every > 1 or self._cheap.tasks_per_step is not None:
+            # The cheap modes count steps, not calls: later calls before the gradients are cleared
+            # or changed belong to this step.
+            self._accumulation.tasks = T
+            self._accumulation.written = Written.of([p for p, _ in pairs + grads.specific])
         self._record(result)
 
     def _refuse_nonfinite(self, bad: list[int], num_tasks: int) -> bool:
@@ -900,6 +969,22 @@ class MethodWrapper(GradSurgery):
     def _generator(self) -> torch.Generator | None:
         return getattr(self, "generator", None)
 
+    def _draws_and_state(self) -> Any:
+        generator = getattr(self, "generator", None)
+        state = self._outcome.method_state
+        if generator is None and state is None:
+            return None
+        return (
+            None if generator is None else generator.get_state(),
+            None if state is None else {k: v.clone() for k, v in state.items()},
+        )
+
+    def _restore_draws_and_state(self, saved: Any) -> None:
+        generator_state, state = saved
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+        self._outcome.method_state = None if state is None else {k: v.clone() for k, v in state.items()}
+
     def _method_state(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.method.random:
@@ -933,7 +1018,9 @@ def _scaled(losses: Losses, scaler: Any) -> Losses:
         checked = check_losses(losses)
     except (TypeError, ValueError):
         return losses
-    scaled: torch.Tensor = scaler.scale(torch.stack([loss.reshape(()) for loss in checked]))
+    # Each loss scaled on its own: stacked, they would be one fused tensor, whose heads the graph
+    # cannot tell apart (see gradsurgery.sharing).
+    scaled: list[torch.Tensor] = scaler.scale(checked)
     return scaled
 
 

@@ -91,7 +91,11 @@ def aggregate(
         w = None
     else:
         assert weights_of is not None
+        # A non-finite G (unchecked: nonfinite="propagate") makes the update NaN whatever the method
+        # does with it (PCGrad's conflict tests, false on NaN, would otherwise give the plain sum), so
+        # that a GradScaler skips the step: 0·x is 0 for finite x and NaN for NaN and ±inf. No host read.
         w = weights_of(G)
+        w = w + (G * 0).sum(dim=(-2, -1)).unsqueeze(-1).to(w.dtype)
         for target in targets:
             if target.base is not None:
                 target.out.copy_(target.base)

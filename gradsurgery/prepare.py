@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, cast
 import torch
 
 from . import backend as _backend
-from .grads import grad_norms
+from .grads import grad_norms, grad_peaks
 from .kernels.blocks import BlockLayout
 from .pipeline import Aggregate
 from .sharing import Sharing, classify
@@ -413,7 +413,7 @@ def feature_gradients(losses: list[torch.Tensor], features: torch.Tensor, params
     encoder by a path around the features."""
     if not isinstance(features, torch.Tensor) or not features.requires_grad:
         raise ValueError("features must be a tensor that requires grad (the encoder's output)")
-    upstream = _params_upstream_of(features)
+    upstream = params_upstream_of(features)
     encoder = [p for p in params if id(p) in upstream]
     if not encoder:
         raise ValueError("features does not lead to any parameter of the optimizer: pass the encoder's output")
@@ -461,7 +461,7 @@ def features_extra(J: torch.Tensor, combined: torch.Tensor, result: Aggregate, b
     return _backend.combine(result.weights - 1, J, out, backend=backend)
 
 
-def _params_upstream_of(features: torch.Tensor) -> set[int]:
+def params_upstream_of(features: torch.Tensor) -> set[int]:
     """``id`` of every leaf tensor the autograd graph of ``features`` reaches."""
     found = {id(variable) for node in _walk([features]) if (variable := getattr(node, "variable", None)) is not None}
     if features.grad_fn is None and features.is_leaf:
@@ -540,6 +540,19 @@ def check_losses(losses: Losses) -> list[torch.Tensor]:
     return items
 
 
+def one_tensor(losses: list[torch.Tensor]) -> bool:
+    """Whether the losses are entries of one tensor (``torch.stack(losses)``, a vectorised loss): one
+    node yields them all, or each is picked by its own node from the same parent. Their graphs then
+    lead every loss to every head, before any gradient says otherwise."""
+    nodes = [loss.grad_fn for loss in losses]
+    if len(losses) < 2 or any(node is None for node in nodes):
+        return False
+    if len({id(node) for node in nodes}) == 1:
+        return True
+    parents = {tuple(id(child) for child, _ in node.next_functions if child is not None) for node in nodes if node is not None}
+    return len(parents) == 1 and len(next(iter(parents))) == 1
+
+
 def nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]], values: torch.Tensor | None = None) -> list[int]:
     """Tasks whose squared norm ``G[t, t]``, listed gradients or, for a method that reads them, loss
     ``values`` are NaN/Inf (a NaN loss over an empty batch has zero gradients, but would make the
@@ -549,7 +562,7 @@ def nonfinite_tasks(G: torch.Tensor | None, checked: list[list[torch.Tensor]], v
     device = G.device if G is not None else (tensors[0].device if tensors else torch.device("cpu"))
     bad = torch.zeros(T, dtype=torch.bool, device=device)
     if tensors:
-        flags = ~grad_norms(tensors).to(device).isfinite()
+        flags = ~grad_peaks(tensors).to(device).isfinite()
         bad |= torch.stack([part.any() for part in torch.split(flags, [len(row) for row in checked])])
     if G is not None:
         bad |= ~G.diagonal().isfinite()  # the diagonal: an off-diagonal NaN would blame both tasks

@@ -6,9 +6,10 @@ expected ``.grad``, which is set on the twin and stepped by a plain copy of the 
 (fused, foreach, clipped, scheduled, scaled exactly as the wrapper's). Gradients are compared after
 every ``backward``, parameters and buffers (BatchNorm running statistics) after the steps.
 
-PCGrad draws its orders from its seeded generator on every surgery, i.e. every ``backward`` (the
-``.grad`` it leaves is observable after each one); the reference keeps one generator seeded the same
-way and draws from it once per ``backward`` too (:func:`stepping_weights`).
+PCGrad draws its orders from its seeded generator once per step: every ``backward`` of an
+accumulated step redoes the surgery with the step's draws (the ``.grad`` it leaves is observable after
+each one); the reference keeps one generator seeded the same way and does the same
+(:class:`SteppingWeights`).
 """
 
 from __future__ import annotations
@@ -65,13 +66,30 @@ ADAM_LR = 0.01
 ADAM_ATOL = 1e-2 * ADAM_LR
 
 
-def stepping_weights(method: str, *, seed: int = 0) -> Weights:
-    """The method's weights as a wrapper computes them over successive ``backward`` calls: PCGrad draws
-    from one generator seeded with ``seed`` on every call (its first call equals ``weights_of``)."""
-    if method == "PCGrad":
-        generator = torch.Generator().manual_seed(seed)
-        return lambda G: GF.pcgrad_weights(G, generator=generator)
-    return weights_of(method)
+class SteppingWeights:
+    """The method's weights as a wrapper computes them over successive steps: PCGrad draws from one
+    generator seeded with ``seed`` once per step (its first step equals ``weights_of``); the calls
+    of an accumulated step all draw what the step's first did (:meth:`same_step`)."""
+
+    def __init__(self, method: str, *, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed) if method == "PCGrad" else None
+        self.fixed = weights_of(method)
+        self.start: torch.Tensor | None = None
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            return self.fixed(G)
+        self.start = self.generator.get_state()
+        return GF.pcgrad_weights(G, generator=self.generator)
+
+    def same_step(self) -> None:
+        """The next call belongs to the same step as the last one: the same draws."""
+        if self.generator is not None and self.start is not None:
+            self.generator.set_state(self.start)
+
+
+def stepping_weights(method: str, *, seed: int = 0) -> SteppingWeights:
+    return SteppingWeights(method, seed=seed)
 
 
 def assert_grads_by_dtype(params: list[torch.Tensor], expected: list[torch.Tensor | None], *, scale: float = 1.0) -> None:
@@ -724,6 +742,7 @@ def test_accumulating_two_micro_batches(family: str, engine: str, method: str) -
         assert_grads_by_dtype(params, ref.expected(first_losses))
         opt.backward(model.wrapper_losses(second))
         accumulated = [a + b for a, b in zip(first_losses, twin.losses(second))]
+        ref.weights.same_step()
         expected = ref.expected(accumulated)
         assert_grads_by_dtype(params, expected)
         opt.step()
