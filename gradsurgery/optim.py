@@ -473,7 +473,9 @@ class GradSurgery(torch.optim.Optimizer):
         Raises:
             TypeError: ``losses`` is not a sequence of tensors or a 1-D tensor.
             ValueError: a loss is not a scalar or not floating point, no loss requires grad, or the
-                number of tasks differs from the steps being accumulated (named with the values).
+                number of tasks differs from the steps being accumulated (named with the values);
+                ``scaler=`` with ``nonfinite="skip"``; under torch.distributed, a parameter the
+                losses reach that the wrapped optimizer does not hold.
             NonFiniteGradientError: with ``nonfinite="raise"``, a task's gradient holds NaN/Inf; its
                 ``.tasks`` names them. No ``.grad``, parameter or optimizer state changed.
         """
