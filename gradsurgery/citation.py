@@ -26,6 +26,7 @@ def bibtex(method: str | None = None) -> str:
         The BibTeX entries, separated by blank lines.
 
     Raises:
+        TypeError: ``method`` is not a str or None.
         ValueError: ``method`` names no method with a paper (the message lists the names).
 
     Examples:
@@ -35,6 +36,8 @@ def bibtex(method: str | None = None) -> str:
     """
     if method is None:  # each entry once (a method's loss and gradient forms share a paper)
         return "\n\n".join([LIBRARY_BIBTEX, *dict.fromkeys(METHOD_BIBTEX.values())])
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method's name (a str) or None, got {type(method).__name__}")
     if method not in METHOD_BIBTEX:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_BIBTEX)}")
     return METHOD_BIBTEX[method]

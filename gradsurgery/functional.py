@@ -25,6 +25,7 @@ import torch
 from . import backend as _backend
 from .errors import NonFiniteGradientError
 from .hints import Backend
+from .kernels._checks import SUPPORTED_DTYPES, overlaps
 from .methods import REGISTRY
 from .methods._common import check_gram, check_reduction
 from .methods.spec import Method
@@ -86,6 +87,7 @@ def aggregate(
         tensor([1., 1.])
     """
     _check_J(J)
+    _check_out(J, out)
     _backend.check_backend(backend, J.device)
     G = _checked_gram(J, backend)
     if out is None:
@@ -151,6 +153,25 @@ def _check_J(J: torch.Tensor) -> None:
         raise ValueError("J requires grad: the functional API is not differentiable; pass J.detach() (the task gradients as data)")
 
 
+def _check_out(J: torch.Tensor, out: torch.Tensor | None) -> None:
+    """``out`` takes the update of ``J`` ``(..., T, P)``: a floating ``(..., P)`` tensor on J's device with
+    contiguous rows, sharing no memory with ``J`` (checked before anything is computed or drawn)."""
+    if out is None:
+        return
+    shape = (*J.shape[:-2], J.shape[-1])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a tensor of shape {shape} (J's batch shape and P), got {got}")
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"out must have a floating-point dtype ({', '.join(map(str, SUPPORTED_DTYPES))}), got {out.dtype}")
+    if out.device != J.device:
+        raise ValueError(f"out is on {out.device} but J is on {J.device}")
+    if out.numel() > 1 and out.stride(-1) != 1:
+        raise ValueError(f"out must have contiguous rows (stride(-1) == 1), got strides {out.stride()}")
+    if overlaps(out, J):
+        raise ValueError("out must not share memory with J")
+
+
 def _check_G(G: torch.Tensor) -> None:
     check_gram(G)
     check_finite_gram(G)
@@ -185,6 +206,15 @@ def _split(method: Method, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict
     check_reduction(reduction)
     _backend.check_backend(backend)
     extras = {name: kwargs.pop(name) for name in _extras(method) if name in kwargs}
+    generator = extras.get("generator")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    state = extras.get("state")
+    if state is not None and method.state is not None:
+        expected = set(method.state.init(1, torch.device("cpu")))
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be the dict of {sorted(expected)} that {method.function} returned, got {got}")
     options = method.checked(kwargs)
     if "losses" in extras and not method.uses_losses(options):
         extras.pop("losses")
@@ -228,6 +258,7 @@ def _pair(method: Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def on_rows(J: torch.Tensor, *, out: torch.Tensor | None = None, **kwargs: Any) -> Any:
         options, extras, reduction, backend = _split(method, kwargs)
         _check_J(J)
+        _check_out(J, out)
         _backend.check_backend(backend, J.device)
         if out is None:
             out = torch.empty(J.shape[:-2] + J.shape[-1:], dtype=J.dtype, device=J.device)

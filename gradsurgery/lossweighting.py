@@ -207,6 +207,8 @@ class LossWeightingWrapper(MethodWrapper):
     def diagnostics(self, *, flat: bool = False) -> LossWeightingDiagnostics | dict[str, float]:  # pyright: ignore[reportIncompatibleMethodOverride]
         """The last step's effective weights ``∂objective/∂L_t`` as plain floats (there is no Gram
         matrix: no per-task gradient is computed); ``flat=True``: ``{"weight/<t>": float}``."""
+        if self._accumulation.skip:
+            raise RuntimeError("this step is skipped (nonfinite='skip': a non-finite gradient), so there are no weights to report")
         if self.last_weights is None:
             raise RuntimeError("diagnostics() needs a backward() first")
         from .diagnostics import flatten, to_floats

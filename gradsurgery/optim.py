@@ -379,6 +379,8 @@ class GradSurgery(torch.optim.Optimizer):
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop("gradsurgery", None)
+        if extra is not None and not isinstance(extra, dict):
+            raise TypeError(f"state_dict['gradsurgery'] must be the dict state_dict() saved, got {type(extra).__name__}")
         layout = self._layout
         if extra is not None:
             if extra.get("method") != type(self).__name__:
@@ -814,6 +816,7 @@ class GradSurgery(torch.optim.Optimizer):
                 tasks=bad,
             )
         self._accumulation.skipped(num_tasks)
+        self._outcome.gram = self._outcome.weights = None  # not left to be read as this step's
         return True
 
     def _record(self, result: Aggregate) -> None:
@@ -849,9 +852,14 @@ class GradSurgery(torch.optim.Optimizer):
             flat: ``{name: float}`` for loggers instead of the nested report.
 
         Raises:
-            RuntimeError: before the first :meth:`backward`, or when the last one had no shared
-                parameter (no Gram matrix).
+            RuntimeError: before the first :meth:`backward`, when the last one had no shared
+                parameter (no Gram matrix), or when the step is skipped (``nonfinite="skip"``).
         """
+        if self._accumulation.skip:
+            raise RuntimeError(
+                "this step is skipped (nonfinite='skip': a backward() since the gradients were last cleared had a "
+                "non-finite gradient), so there is no Gram matrix or weights to report for it"
+            )
         if self._layout.num_tasks is not None and self.last_gram is None:
             raise RuntimeError(
                 "the last backward() had no shared parameters (each parameter was reached by one task), so there "
@@ -1002,6 +1010,19 @@ class MethodWrapper(GradSurgery):
             tasks = state_tasks(saved)
             if self._layout.num_tasks is not None and tasks != self._layout.num_tasks:
                 raise ValueError(f"checkpoint's {self.method.name} state is for {tasks} tasks, not {self._layout.num_tasks}")
+            # One state per block with granularity=, one in all otherwise: a checkpoint of the other
+            # kind, or of another number of blocks, would be dropped or fail at the next backward.
+            initial = self.method.state.init(tasks, torch.device("cpu"))
+            blocks = {tuple(saved[k].shape[: saved[k].dim() - v.dim()]) for k, v in initial.items() if k in saved}
+            buffer = self._layout.buffer
+            mine = None if self._layout.granularity is None else (len(buffer.blocks.blocks),) if buffer is not None and buffer.blocks is not None else "blocks"
+            theirs = blocks.pop() if len(blocks) == 1 else None
+            if theirs is None or (mine is None) != (theirs == ()) or (isinstance(mine, tuple) and mine != theirs):
+                here = "one block (granularity='all')" if mine is None else f"blocks {mine}"
+                raise ValueError(
+                    f"checkpoint's {self.method.name} state has block shape {theirs} but this wrapper has {here}: "
+                    "load it into a wrapper with the granularity it was saved with"
+                )
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         if self.method.random and "generator" in state:

@@ -59,7 +59,11 @@ def plot_cosine_heatmap(
         >>> ax = plot_cosine_heatmap([[1.0, -0.3], [-0.3, 1.0]], task_names=["depth", "segmentation"])
     """
     plt = _pyplot()
-    matrix = [[float(v) for v in row] for row in _as_nested_floats(cos)]
+    nested = _as_nested_floats(cos)
+    nested = nested.tolist() if hasattr(nested, "tolist") else nested  # a NumPy array
+    if not isinstance(nested, (list, tuple)) or not nested or not all(isinstance(row, (list, tuple)) for row in nested):
+        raise ValueError(f"cos must be a non-empty square T x T matrix (a sequence of rows), got {cos!r}")
+    matrix = [[float(v) for v in row] for row in nested]
     T = len(matrix)
     if any(len(row) != T for row in matrix):
         raise ValueError(f"cos must be a square T x T matrix, got rows of lengths {[len(r) for r in matrix]}")
@@ -141,11 +145,19 @@ def plot_conflict_history(
     xs = list(steps) if steps is not None else list(range(len(history)))
     if len(xs) != len(history):
         raise ValueError(f"steps has {len(xs)} entries but history has {len(history)}")
+    for index, entry in enumerate(history):
+        missing = [key for key in ("conflicts", "norms") if key not in entry]
+        if missing:
+            raise ValueError(
+                f"history[{index}] has no {missing}: pass the nested dicts of a gradient method's diagnostics() "
+                "(not flat=True, not a loss-weighting wrapper's, which has no per-task gradients)"
+            )
     has_weights = all("weights" in entry for entry in history)
     weights = [[float(w) for w in _as_nested_floats(entry["weights"])] for entry in history] if has_weights else []
-    T = len(weights[0]) if has_weights else len(_as_nested_floats(history[0]["norms"]))
-    pairs = max(T * (T - 1) // 2, 1)
-    rate = [float(_as_nested_floats(entry["conflicts"])) / pairs for entry in history]
+    # T may change between steps (after the gradients are cleared): each entry by its own pair count.
+    counts = [len(_as_nested_floats(entry["norms"])) for entry in history]
+    rate = [float(_as_nested_floats(entry["conflicts"])) / max(T * (T - 1) // 2, 1) for entry, T in zip(history, counts)]
+    T = max(counts)
     ax = _axes(ax, plt, figsize=(6.0, 3.0))
     ax.plot(xs, _moving_average(rate, window), color="black", label="conflict rate")
     ax.set_ylim(-0.02, 1.02)
@@ -155,7 +167,7 @@ def plot_conflict_history(
     if has_weights:
         twin = ax.twinx()
         for t in range(T):
-            twin.plot(xs, [w[t] for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
+            twin.plot(xs, [w[t] if t < len(w) else float("nan") for w in weights], lw=0.8, alpha=0.8, label=f"w{t}")
         twin.set_ylabel("task weight")
         lines += twin.get_lines()
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize=7)

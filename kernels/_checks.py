@@ -35,7 +35,7 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * tensor.element_size()
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
         return False
     a_start, a_stop = _byte_span(a)
@@ -66,7 +66,7 @@ def check_combine_args(w: torch.Tensor, J: torch.Tensor, out: torch.Tensor) -> N
             raise ValueError(f"{name} is on {tensor.device} but J is on {J.device}")
     # Writing into memory that is still being read gives results that depend on scheduling.
     for name, tensor in (("w", w), ("J", J)):
-        if _overlaps(out, tensor):
+        if overlaps(out, tensor):
             raise ValueError(f"out must not share memory with {name}")
 
 

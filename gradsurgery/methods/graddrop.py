@@ -68,10 +68,13 @@ BIBTEX = """@inproceedings{chen2020just,
 Leak = float | Sequence[float] | torch.Tensor | None
 
 
-def check_graddrop_options(leak: Leak, T: int | None = None) -> None:
-    """Raise ``ValueError`` for a leak outside ``[0, 1]`` or of the wrong length (``T`` when known).
+def check_graddrop_options(leak: Leak, T: int | None = None, *, read_values: bool = True) -> None:
+    """Raise ``ValueError`` for a leak outside ``[0, 1]`` (NaN included) or of the wrong length (``T``
+    when known).
 
-    A tensor's values are not checked (that would read them back to the host), only its shape and dtype.
+    A tensor's values are read back to the host for that (at construction, and once per functional
+    call); ``read_values=False`` checks only its shape and dtype (the wrapper's steps, which checked
+    it at construction).
     """
     if leak is None:
         return
@@ -81,6 +84,8 @@ def check_graddrop_options(leak: Leak, T: int | None = None) -> None:
             raise ValueError(f"leak must be a {expected} tensor, got shape {tuple(leak.shape)}")
         if not leak.is_floating_point():
             raise ValueError(f"leak must be a floating-point tensor, got dtype {leak.dtype}")
+        if read_values and not bool(((leak >= 0) & (leak <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError(f"leak must lie in [0, 1], got {leak.tolist()}")
         return
     values: list[object] | None = [leak] if _is_number(leak) else list(leak) if _is_sequence(leak) else None
     numbers = [v for v in values or [] if _is_number(v)]
@@ -109,7 +114,7 @@ def leak_tensor(
     Built with fills, not copied from host data (which on CUDA would wait for the device); a wrapper
     should build it once and pass the tensor every step.
     """
-    check_graddrop_options(leak, T)
+    check_graddrop_options(leak, T, read_values=False)
     if leak is None:
         return None
     if isinstance(leak, torch.Tensor):
