@@ -103,6 +103,12 @@ def check_sync(sync: str) -> None:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
 
 
+def started_since() -> bool:
+    """Whether torch.distributed now runs more than one process (for a wrapper that found it not
+    initialised when it was built)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def connect(process_group: Any, sync: str) -> DistributedSync | None:
     """The synchroniser for ``process_group`` (``None``: the default group when torch.distributed is
     initialised), or ``None`` for a single process — a group of one included."""
@@ -173,6 +179,16 @@ class _Local:
         grads = self.prepared.features or self.prepared.parameters
         assert grads is not None
         return grads.specific
+
+    def specific_signature(self) -> list[tuple[int, tuple[int, ...], str, tuple[int, ...]]]:
+        """Each task-specific parameter (index, shape, dtype) and the tasks that reach it on this rank:
+        a parameter that different single tasks reach on different ranks is shared on the global batch."""
+        grads = self.prepared.features or self.prepared.parameters
+        assert grads is not None
+        index = {id(p): i for i, p in enumerate(self.prepared.params)}
+        return [
+            (*_signature([p], index)[0], tuple(tasks)) for (p, _), tasks in zip(grads.specific, grads.specific_tasks)
+        ]
 
 
 @dataclass
@@ -389,7 +405,7 @@ class DistributedSync:
             values["failed"] = 1
             return list(values.values())
         prepared = local.prepared
-        shared, specific = local.shared, local.specific
+        shared = local.shared
         index = {id(p): i for i, p in enumerate(prepared.params)}
         values["number of tasks"] = prepared.num_tasks
         values["representation mode"] = int(prepared.features is not None)
@@ -397,7 +413,7 @@ class DistributedSync:
         values["number of shared parameters"] = len(shared)
         values["shared numel"] = sum(p.numel() for p in shared)
         values["shared parameter shapes"] = _hash(repr(_signature(shared, index)))
-        values["task-specific parameters"] = _hash(repr(_signature([p for p, _ in specific], index)))
+        values["task-specific parameters"] = _hash(repr(local.specific_signature()))
         if prepared.parameters is not None:
             masks = prepared.parameters.reach_masks
             values["partly reached shared parameters"] = sum(bin(masks.get(id(p), 0)).count("1") < 2 for p in shared)
@@ -674,7 +690,7 @@ def _details(call: BackwardCall, local: _Local | None, name: str, sync: Distribu
         return "accumulating since the gradients were cleared" if prepared.accumulate else "fresh after clearing"
     if name in ("number of shared parameters", "shared numel", "shared parameter shapes"):
         return f"{len(local.shared)} shared parameters (index, shape, dtype): {_signature(local.shared, index)}"
-    return f"task-specific parameters (index, shape, dtype): {_signature([p for p, _ in local.specific], index)}"
+    return f"task-specific parameters (index, shape, dtype, tasks reaching it): {local.specific_signature()}"
 
 
 _ADVICE = {
@@ -687,7 +703,8 @@ _ADVICE = {
     "(pass shared= to fix the set when a task does not reach a parameter on some batches).",
     "shared numel": "Every rank must train the same model with the same shared parameters.",
     "shared parameter shapes": "Every rank must train the same model with the same shared parameters.",
-    "task-specific parameters": "Every task must reach the same parameters on every rank.",
+    "task-specific parameters": "Every task must reach the same parameters on every rank (a parameter that "
+    "different tasks reach on different ranks is shared on the global batch: pass shared= to name it).",
     "generator state": "Pass the same seed= on every rank (or none: rank 0's is then shared), and load "
     "checkpoints on every rank.",
 }

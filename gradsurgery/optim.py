@@ -181,6 +181,7 @@ class GradSurgery(torch.optim.Optimizer):
         self.backend = backend
         self.sync = sync
         self._dist = _distributed.connect(process_group, sync)  # None: a single process
+        self._single_by_default = self._dist is None and process_group is None  # torch.distributed not started
         self._outcome = Outcome()
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -485,6 +486,12 @@ class GradSurgery(torch.optim.Optimizer):
             self._backward(losses, features, scaler)
 
     def _backward(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
+        if self._single_by_default and _distributed.started_since():
+            raise ValueError(
+                "this wrapper was built before torch.distributed.init_process_group, so it runs as a single "
+                "process and nothing would average the ranks' gradients: build it after init_process_group (or, "
+                "to train each rank on its own, pass process_group=torch.distributed.new_group([rank]))"
+            )
         if isinstance(losses, Iterator):
             losses = list(losses)  # read once, by the checks here and the path below
         if scaler is not None:
@@ -509,12 +516,15 @@ class GradSurgery(torch.optim.Optimizer):
         if not extra:
             self._backward_checked(checked, features)
             return
-        if self._dist is not None and any(isinstance(leaf, torch.nn.Parameter) for leaf in extra.leaves):
-            # DDP would average their gradients over the ranks; this wrapper does not know them.
-            raise ValueError(
-                "with torch.distributed, every parameter the losses reach must be in the wrapped optimizer: "
-                f"{sum(isinstance(leaf, torch.nn.Parameter) for leaf in extra.leaves)} are not (a second optimizer's?)"
+        outside = sum(isinstance(leaf, torch.nn.Parameter) for leaf in extra.leaves)
+        if self._dist is not None and outside:
+            # DDP would average their gradients over the ranks; this wrapper does not know them. Refused
+            # through the ranks' agreement, so that every rank raises and none waits for the others.
+            refusal = ValueError(
+                f"with torch.distributed, every parameter the losses reach must be in the wrapped optimizer: {outside} "
+                "are not (a second optimizer's?)"
             )
+            return self._dist.backward(self._call(checked, features, refusal=refusal))
         extra_grads = _leaves.gradients(checked, extra.leaves)
         already_skipped = self._accumulation.skip
         self._backward_checked(checked, features)
@@ -711,10 +721,26 @@ class GradSurgery(torch.optim.Optimizer):
             return self.weights(G, losses)
         return torch.stack([self.weights(block, losses) for block in G])
 
-    def _call(self, losses: Losses, features: torch.Tensor | None) -> _distributed.BackwardCall:
-        """This call as torch.distributed sees it: explicit state and callables, no wrapper internals."""
+    def _call(
+        self, losses: Losses, features: torch.Tensor | None, *, refusal: Exception | None = None
+    ) -> _distributed.BackwardCall:
+        """This call as torch.distributed sees it: explicit state and callables, no wrapper internals.
+        ``refusal``: raised by its preparation, so that the ranks agree on it."""
+
+        def prepare() -> Prepared:
+            if refusal is not None:
+                raise refusal
+            prepared = self._prepare(losses, features, write_early=False)
+            grads = prepared.parameters or prepared.features
+            if grads is not None and any(g.is_sparse for _, row in grads.specific for g in row):
+                raise ValueError(
+                    "sparse gradients of task-specific parameters (nn.Embedding(sparse=True)) are not averaged over "
+                    "torch.distributed ranks: use a dense embedding, or pass it in shared= (shared gradients are dense)"
+                )
+            return prepared
+
         return _distributed.BackwardCall(
-            prepare=lambda: self._prepare(losses, features, write_early=False),
+            prepare=prepare,
             layout=self._layout,
             accumulation=self._accumulation,
             options=self._grad_options,

@@ -287,6 +287,44 @@ def check_bad_input(rank: int, world: int) -> dict[str, Any]:
     opt = METHODS["MGDA"](inner(p for name, p in model.named_parameters() if name != "pair"), sync="exact")
     out["outside-optimizer"] = _error(lambda: backward(opt, model, x, y, False))
 
+    # Only rank 1's losses reach a parameter outside the optimizer: every rank raises on that call,
+    # and the next one pairs up again.
+    model = make_model(world)
+    outside = nn.Parameter(torch.ones(()))
+    opt = make_wrapper("MGDA", model, "exact")
+
+    def outside_on_one_rank() -> None:
+        z, losses = model(x, y)
+        if rank == last:
+            losses[0] = losses[0] * outside
+        opt.backward(losses)
+
+    out["outside-one-rank"] = _error(outside_on_one_rank)
+    out["outside-one-rank-then"] = then_step(opt, model)
+
+    # An "expert" that a different single task reads on each rank: shared on the global batch.
+    model = make_model(world)
+    expert = nn.Parameter(torch.ones(model.trunk[0].out_features))
+    opt = METHODS["MGDA"](inner([*model.parameters(), expert]), sync="exact")
+
+    def experts() -> None:
+        z, losses = model(x, y)
+        losses[rank % len(losses)] = losses[rank % len(losses)] + (model.trunk(x) * expert).mean()
+        opt.backward(losses)
+
+    out["experts"] = _error(experts)
+
+    model = make_model(world)
+    embedding = nn.Embedding(4, 1, sparse=True)
+    opt = METHODS["MGDA"](inner([*model.parameters(), *embedding.parameters()]), sync="exact")
+
+    def sparse_head() -> None:
+        z, losses = model(x, y)
+        losses[2] = losses[2] + embedding(torch.tensor([0, 1])).sum()
+        opt.backward(losses)
+
+    out["sparse-specific"] = _error(sparse_head)
+
     model = make_model(world)
     opt = make_wrapper("PCGrad", model, "exact", seed=rank)
     out["seed-differs"] = _error(lambda: backward(opt, model, x, y, False))

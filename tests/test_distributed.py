@@ -279,6 +279,8 @@ BAD_INPUT = {
     "zero-grad-differs": "disagree on the accumulation state",
     "unknown-sync": "sync must be one of",
     "outside-optimizer": "every parameter the losses reach must be in the wrapped optimizer",
+    "experts": "disagree on the task-specific parameters",
+    "sparse-specific": "are not averaged over torch.distributed ranks",
 }
 
 
@@ -288,6 +290,23 @@ def test_bad_input_raises_the_same_error_on_every_rank(groups, case: str) -> Non
     assert all(e["type"] == "ValueError" for e in errors), errors
     assert len({e["message"] for e in errors}) == 1
     assert BAD_INPUT[case] in errors[0]["message"]
+
+
+def test_a_parameter_outside_the_optimizer_on_one_rank_is_refused_on_every_rank(groups) -> None:
+    records = _records(groups, 2, "bad-input")
+    own, other = records[1]["outside-one-rank"], records[0]["outside-one-rank"]
+    assert own["type"] == "ValueError" and "must be in the wrapped optimizer" in own["message"]
+    assert other["type"] == "ValueError" and other["message"].startswith("backward() failed on rank 1")
+    _assert_same_on_every_rank([r["outside-one-rank-then"] for r in records], "outside-one-rank-then")
+
+
+def test_a_wrapper_built_before_torch_distributed_started_refuses_to_run_alone(monkeypatch) -> None:
+    model = W.make_model(2)
+    opt = W.make_wrapper("MGDA", model)
+    monkeypatch.setattr(gs.distributed, "started_since", lambda: True)
+    with pytest.raises(ValueError, match="built before torch.distributed.init_process_group"):
+        W.backward(opt, model, *W.batch(0, 0), False)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_an_error_on_one_rank_is_reported_on_the_others_and_training_goes_on(groups) -> None:
