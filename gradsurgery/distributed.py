@@ -463,6 +463,7 @@ class DistributedSync:
                     elementwise=call.elementwise,
                     plain=_apply.plain_spans(buffer, call.accumulation),
                     blocks=buffer.blocks,
+                    unchecked=not rescue,
                 )
                 if self.sync == "local":
                     more, sums = self._mean_bucketed(sums)
@@ -540,6 +541,7 @@ class DistributedSync:
             elementwise=call.elementwise,
             plain=_apply.plain_spans(buffer, call.accumulation, shard.start, shard.stop),
             blocks=shard.blocks,
+            unchecked=call.options.nonfinite == "propagate",
         )
         self._all_gather(shard.gathered, shard.update).wait()
         for target in _apply.targets(buffer):
@@ -577,6 +579,7 @@ class DistributedSync:
             backend=call.options.backend,
             reduce_gram=reduce_gram,
             elementwise=call.elementwise,
+            unchecked=call.options.nonfinite == "propagate",
         )
         extra = features_extra(rows, combined, result, call.options.backend) if grads.bypass else None
         encoder_grads = through_features(grads, combined, extra)

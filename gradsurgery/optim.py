@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, cast, overload
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, cast, overload
 
 import torch
 
@@ -492,7 +493,7 @@ class GradSurgery(torch.optim.Optimizer):
                 "process and nothing would average the ranks' gradients: build it after init_process_group (or, "
                 "to train each rank on its own, pass process_group=torch.distributed.new_group([rank]))"
             )
-        if isinstance(losses, Iterator):
+        if not isinstance(losses, (list, tuple, torch.Tensor)) and isinstance(losses, Iterator):
             losses = list(losses)  # read once, by the checks here and the path below
         if scaler is not None:
             if self.nonfinite == "skip":
@@ -797,6 +798,7 @@ class GradSurgery(torch.optim.Optimizer):
             elementwise=self._elementwise(),
             plain=_apply.plain_spans(buffer, self._accumulation),
             blocks=buffer.blocks,
+            unchecked=self.nonfinite == "propagate",
         )
         _apply.attach(buffer, self._accumulation)
         self._record(result)
@@ -811,7 +813,7 @@ class GradSurgery(torch.optim.Optimizer):
             if self._refuse_nonfinite(nonfinite_tasks(G, heads, prepared.loss_values), T):
                 return
         combined = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
-        result = aggregate(J, [Target(slice(None), combined)], self._weights_of(prepared.loss_values), backend=self.backend, G=G, elementwise=self._elementwise())
+        result = aggregate(J, [Target(slice(None), combined)], self._weights_of(prepared.loss_values), backend=self.backend, G=G, elementwise=self._elementwise(), unchecked=self.nonfinite == "propagate")
         encoder_grads = through_features(grads, combined, features_extra(J, combined, result, self.backend) if grads.bypass else None)
         if self.nonfinite != "propagate" and grads.bypass:
             # Only the paths around the features are new here: a NaN there is every task's at once.

@@ -51,6 +51,7 @@ def aggregate(
     elementwise: Elementwise | None = None,
     plain: Sequence[PlainSpan] = (),
     blocks: BlockLayout | None = None,
+    unchecked: bool = False,
 ) -> Aggregate:
     """``out = base + wᵀJ[:, columns]`` for each target, ``w = weights_of(G)`` and ``G = J Jᵀ``.
 
@@ -67,6 +68,9 @@ def aggregate(
     ``blocks``: the method runs on each block of columns separately (``granularity=``): ``G`` is
     ``(B, T, T)``, one Gram matrix per block from the same pass over ``J``, ``weights_of`` returns
     ``(B, T)`` and each block's columns are combined with its own row.
+
+    ``unchecked``: nothing checked ``G`` for NaN/Inf (``nonfinite="propagate"``): a non-finite ``G``
+    then makes the weights NaN, whatever the method does with it.
     """
     if G is None:
         if blocks is not None:
@@ -91,11 +95,12 @@ def aggregate(
         w = None
     else:
         assert weights_of is not None
-        # A non-finite G (unchecked: nonfinite="propagate") makes the update NaN whatever the method
-        # does with it (PCGrad's conflict tests, false on NaN, would otherwise give the plain sum), so
-        # that a GradScaler skips the step: 0·x is 0 for finite x and NaN for NaN and ±inf. No host read.
         w = weights_of(G)
-        w = w + (G * 0).sum(dim=(-2, -1)).unsqueeze(-1).to(w.dtype)
+        if unchecked:
+            # The update must be NaN whatever the method does with a non-finite G (PCGrad's conflict
+            # tests, false on NaN, would give the plain sum), so that a GradScaler skips the step:
+            # 0·x is 0 for finite x and NaN for NaN and ±inf. No host read.
+            w = w + (G * 0).sum(dim=(-2, -1)).unsqueeze(-1).to(w.dtype)
         for target in targets:
             if target.base is not None:
                 target.out.copy_(target.base)
