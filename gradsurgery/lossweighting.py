@@ -20,7 +20,7 @@ import torch
 
 from . import leaves as _leaves
 from .errors import NonFiniteGradientError
-from .grads import accumulate_plain, grad_peaks
+from .grads import Written, accumulate_plain, grad_peaks
 from .hints import LossWeightingDiagnostics
 from .methods.spec import Objective
 from .optim import MethodWrapper, state_tasks
@@ -90,6 +90,11 @@ class LossWeightingWrapper(MethodWrapper):
     def _backward_objective(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if features is not None:
             raise ValueError(f"{self.method.name} weights the losses, not gradients: it takes no features=")
+        if scaler is not None and self.nonfinite == "skip":
+            raise ValueError(
+                "nonfinite='skip' with a GradScaler: the scaler must see the overflow to skip the step and back off; "
+                "use nonfinite='propagate' (the AMP setting)"
+            )
         loss = self._objective()
         checked = check_losses(losses)
         T = len(checked)
@@ -97,6 +102,19 @@ class LossWeightingWrapper(MethodWrapper):
             raise ValueError(f"got {T} losses, but {self.method.name} was built for num_tasks={self.num_tasks}")
         if self._layout.checkpoint_tasks is not None and T != self._layout.checkpoint_tasks:
             raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._layout.checkpoint_tasks}")
+        accumulation = self._accumulation
+        # Whoever cleared or changed .grad since the last call (model.zero_grad() included) ends the
+        # accumulation: a skipped batch is then forgotten, and the number of tasks may change.
+        accumulating = accumulation.continues()
+        if accumulating and accumulation.tasks is not None and T != accumulation.tasks:
+            raise ValueError(f"got {T} losses, but {accumulation.tasks} were accumulated since the gradients were last cleared")
+        if not accumulating:
+            accumulation.start()
+            self._step_start = self._draws_and_state()
+        elif self.method.random and self._step_start is not None:
+            # RLW on losses draws once per step, as RLW on gradients does (the calls of an accumulation
+            # are one step); the stateful methods' state counts calls (documented per method).
+            self.generator.set_state(self._step_start[0])
         params = [p for p in all_params(self.optimizer) if p.requires_grad]
         check_real(params)
         stacked = torch.stack([value.reshape(()) for value in checked])
@@ -130,6 +148,8 @@ class LossWeightingWrapper(MethodWrapper):
             new_state = {name: torch.where(finite, value, state[name]) if name in state and state[name].shape == value.shape else value for name, value in new_state.items()}
         # From here on, .grad and the method's state change.
         accumulate_plain([(p, [g]) for p, g in zip(targets, grads) if g is not None])
+        accumulation.tasks = T
+        accumulation.written = Written.of([p for p, g in zip(params, grads) if g is not None])
         _leaves.run_post_accumulate_hooks([*beyond.hooked, *beyond.leaves])
         outcome.method_state = new_state
         outcome.gram, outcome.weights = None, weights.detach().to(torch.float64)

@@ -231,3 +231,42 @@ def test_finite_gradients_near_fp32s_range_are_not_refused(nonfinite: str) -> No
     assert not opt._accumulation.skip  # noqa: SLF001
     for p, g in zip(model.heads.parameters(), plain):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=0)
+
+
+def test_loss_weighting_accumulation_refuses_another_number_of_tasks() -> None:
+    model = Model()
+    opt = gs.GeometricMean(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.backward(model.losses(0))
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="2 losses, but 3 were accumulated"):
+        opt.backward(model.losses(1)[:2])
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    model.zero_grad()  # cleared through the model: a new step, which may have another T
+    opt.backward(model.losses(1)[:2])
+
+
+def test_rlw_on_losses_draws_once_per_step_as_rlw_on_gradients() -> None:
+    """The two forms give the shared parameters the same update (RLW on gradients gives the heads their
+    plain gradient), with accumulation too: each draws once per step."""
+
+    def shared_grads(make: type) -> list[torch.Tensor]:
+        model = Model()
+        opt = make(torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+        grads = []
+        for step in range(2):
+            opt.zero_grad()
+            for micro in range(2):
+                opt.backward([loss / 2 for loss in model.losses(10 * step + micro)])
+            grads += [p.grad.clone() for p in model.trunk.parameters()]
+        return grads
+
+    for p, q in zip(shared_grads(gs.RLW), shared_grads(gs.RLWLoss)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_weighting_refuses_skip_with_a_scaler() -> None:
+    model = Model()
+    opt = gs.UW(torch.optim.SGD(model.parameters(), lr=0.1), num_tasks=3, nonfinite="skip")
+    with pytest.raises(ValueError, match="nonfinite='propagate'"):
+        opt.backward(model.losses(0), scaler=torch.amp.GradScaler("cpu"))
+    assert all(p.grad is None for p in model.parameters())
