@@ -423,7 +423,10 @@ def feature_gradients(losses: list[torch.Tensor], features: torch.Tensor, params
     for t, loss in enumerate(losses):
         grads = torch.autograd.grad(loss, [features, *heads], retain_graph=True, allow_unused=True)
         if grads[0] is None:
-            raise ValueError(f"loss {t} does not depend on features")
+            raise ValueError(
+                f"loss {t} does not depend on features (with a torch.compile'd model, compile the encoder alone: a "
+                "whole model compiled into one graph returns the features beside the outputs, not before them)"
+            )
         rows.append(grads[0].reshape(-1))
         head_grads.append(list(grads[1:]))
     specific: SpecificGradients = []

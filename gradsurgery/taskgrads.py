@@ -88,9 +88,11 @@ def _explained_compiled_backward() -> Iterator[None]:
             raise
         raise ValueError(
             "this torch.compile'd model's backward was compiled for a single backward pass (donated buffers: a "
-            "plain loss.backward() ran through it first), but gradsurgery runs one per task through the same graph. "
-            "Set torch._functorch.config.donated_buffer = False before compiling, or let the wrapper run the "
-            "compiled model's first backward. No gradient was written."
+            "plain loss.backward() ran through it first, or the model was recompiled for a new input shape, e.g. "
+            "a smaller last batch), but gradsurgery runs one per task through the same graph. Set "
+            "torch._functorch.config.donated_buffer = False before compiling, and keep input shapes static "
+            "(drop_last=True, no dynamic=True: with dynamic shapes torch's compiled backward run twice through one "
+            "graph gives wrong gradients). No gradient was written."
         ) from error
 
 

@@ -104,3 +104,25 @@ def test_a_compiled_training_step_keeps_the_wrapper_state_and_breaks_the_graph_o
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fast_opt.last_weights, eager_opt.last_weights)
     assert fast_opt.diagnostics(flat=True).keys() == eager_opt.diagnostics(flat=True).keys()
+
+
+def test_a_recompile_for_a_new_batch_size_is_refused_with_the_fix() -> None:
+    """A smaller last batch recompiles the model: that graph's backward is built for a single pass too.
+    The refusal names the cause and the fix (static shapes, donated_buffer off), before any gradient."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+    forward = torch.compile(lambda x: [head(trunk(x)).squeeze(-1) for head in heads])
+    opt = gs.MGDA(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1))
+    gen = torch.Generator().manual_seed(0)
+    for size in (8, 8, 6):
+        x, y = torch.randn(size, 5, generator=gen), torch.randn(size, 3, generator=gen)
+        losses = [nn.functional.mse_loss(out, y[:, t]) for t, out in enumerate(forward(x))]
+        opt.zero_grad()
+        if size == 6:
+            with pytest.raises(ValueError, match="recompiled for a new input shape.*keep input shapes static"):
+                opt.backward(losses)
+            assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
+        else:
+            opt.backward(losses)
+            opt.step()
