@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, cast
 import torch
 
 from . import backend as _backend
-from .grads import grad_norms, grad_peaks
+from .grads import grad_peaks
 from .kernels.blocks import BlockLayout
 from .pipeline import Aggregate
 from .sharing import Sharing, classify
@@ -164,7 +164,9 @@ def task_gradients_of(
     def on_task(t: int, row: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         if measure:
             present = [i for i, g in enumerate(row) if g is not None]
-            norms.append((present, grad_norms([g for g in row if g is not None])))
+            # The largest magnitude, not the 2-norm: squares of fp32 entries below ~1e-19 underflow to
+            # 0, and a tiny but non-zero gradient must count as reaching the parameter.
+            norms.append((present, grad_peaks([g for g in row if g is not None])))
         return row if early is None else _write_row(early, t, params, row)
 
     grads = task_gradients(
@@ -340,7 +342,7 @@ def _owned_but_shared(sharing: Sharing, ids: list[int], grads: list[list[torch.T
     ]
     if not suspects:
         return set()
-    nonzero = (grad_norms([g for _, g in suspects]) != 0).tolist()
+    nonzero = (grad_peaks([g for _, g in suspects]) != 0).tolist()
     return {pid for (pid, _), hit in zip(suspects, nonzero) if hit}
 
 

@@ -270,3 +270,17 @@ def test_loss_weighting_refuses_skip_with_a_scaler() -> None:
     with pytest.raises(ValueError, match="nonfinite='propagate'"):
         opt.backward(model.losses(0), scaler=torch.amp.GradScaler("cpu"))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_tiny_but_nonzero_gradients_make_a_parameter_shared() -> None:
+    """Task gradients of ~1e-32 and ~1e-26 in fp32: their squares underflow, their values do not."""
+    model = Model(tasks=3)
+    losses = model.losses(0)
+    losses = [losses[0], losses[1] * 1e-30, losses[2] * 1e-25]
+    trunk = list(model.trunk.parameters())
+    J = torch.stack([_flat_grads(trunk, loss) for loss in losses])
+    opt = gs.MGDA(torch.optim.SGD(model.parameters(), lr=0.0))
+    opt.backward(losses)
+    assert opt.last_weights is not None  # the trunk was in the surgery
+    grads = torch.cat([p.grad.reshape(-1) for p in trunk]).double()
+    torch.testing.assert_close(grads, F.mgda(J), rtol=1e-5, atol=1e-12)
