@@ -81,22 +81,22 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
 def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of each gradient as one float64 vector on the first one's device (sparse ones by
     their stored values), in one fused pass."""
-    if not grads:
-        return torch.zeros(0, dtype=torch.float64)
-    device = grads[0].device
-    strided = [g._values() if g.is_sparse else g for g in grads]
-    return torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(strided)])
+    return _norms(grads, 2.0)
 
 
 def grad_peaks(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The largest magnitude of each gradient (sparse ones by their stored values) as one float64
-    vector on the first one's device: finite exactly when the gradient is, where a 2-norm of finite
-    fp32 entries beyond ~1e19 overflows. What the non-finite checks read."""
+    """The largest magnitude of each gradient, like :func:`grad_norms`: finite exactly when the
+    gradient is, and non-zero exactly when it is (a 2-norm of fp32 entries overflows beyond ~1e19 and
+    underflows below ~1e-19). What the non-finite checks and the sharing read."""
+    return _norms(grads, float("inf"))
+
+
+def _norms(grads: list[torch.Tensor], order: float) -> torch.Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
     device = grads[0].device
     strided = [g._values() if g.is_sparse else g for g in grads]
-    return torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(strided, ord=float("inf"))])
+    return torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(strided, ord=order)])
 
 
 @dataclass
