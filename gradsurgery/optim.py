@@ -580,10 +580,16 @@ class GradSurgery(torch.optim.Optimizer):
                 "shared parameters, or pass the losses as separate tensors"
             )
         self._slots = drawn
+        if drawn is not None and self._layout.checkpoint_tasks is not None:
+            # The full step below sees k slots: a loaded checkpoint's T is checked here, against the T losses.
+            if T != self._layout.checkpoint_tasks:
+                raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._layout.checkpoint_tasks}")
+            self._layout.checkpoint_tasks = None
         try:
             self._backward_full(losses if drawn is None else pseudo_losses(losses, drawn), features)
         finally:
             self._slots = None
+        self._layout.num_tasks = T  # what a checkpoint records: the tasks, not the slots
         weights = self.last_weights
         if weights is None:  # refused (skip), or nothing shared: the next step refreshes again
             cheap.weights = None
@@ -712,15 +718,21 @@ class GradSurgery(torch.optim.Optimizer):
         slots = self._slots
         if slots is None:
             return lambda G: to_reduction(self._weights(G, losses), self.reduction)
-        # tasks_per_step: the last row is the sum of the others' gradients; their mean chooses the weights
-        return lambda G: to_reduction(self._weights(mean_rows(G, slots), mean_last(losses, slots)), self.reduction)
+
+        def of_slots(G: torch.Tensor) -> torch.Tensor:
+            # tasks_per_step: the last row is the sum of the others' gradients; their mean chooses the
+            # weights, and "mean" is over the T tasks, not the k slots.
+            w = self._weights(mean_rows(G, slots), mean_last(losses, slots))
+            return w / (len(slots.chosen) + len(slots.rest)) if self.reduction == "mean" else w
+
+        return of_slots
 
     def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         """:meth:`weights` for one Gram matrix, or for each block's (``granularity=``): a method of
-        the registry solves them as one batch; a subclass's ``weights`` is called block by block."""
-        if G.dim() == 2:
-            return self.weights(G, losses)
-        return torch.stack([self.weights(block, losses) for block in G])
+        the registry solves them as one batch; a subclass's ``weights`` is called block by block.
+        Checked: one weight per task (and block)."""
+        w = self.weights(G, losses) if G.dim() == 2 else torch.stack([self.weights(block, losses) for block in G])
+        return _checked_weights(type(self).__name__, w, G)
 
     def _call(
         self, losses: Losses, features: torch.Tensor | None, *, refusal: Exception | None = None
@@ -965,7 +977,8 @@ class MethodWrapper(GradSurgery):
         return self._outcome.seed
 
     def _weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        return self.weights(G, losses)  # the registry's methods take a batch of Gram matrices
+        # A method's spec takes a batch of Gram matrices (granularity=: one per block).
+        return _checked_weights(self.method.name, self.weights(G, losses), G)
 
     def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         method = self.method
@@ -1010,7 +1023,7 @@ class MethodWrapper(GradSurgery):
     def _draws_and_state(self) -> Any:
         generator = getattr(self, "generator", None)
         state = self._outcome.method_state
-        if generator is None and state is None:
+        if generator is None and self.method.state is None:
             return None
         return (
             None if generator is None else generator.get_state(),
@@ -1060,6 +1073,18 @@ class MethodWrapper(GradSurgery):
             saved = state["state"]
             device = self.generator.device if self.method.random else None
             self._outcome.method_state = None if saved is None else {k: v.to(device) if device else v.clone() for k, v in saved.items()}
+
+
+def _checked_weights(name: str, w: object, G: torch.Tensor) -> torch.Tensor:
+    """A method's weights, checked: one per task (and block) for ``G`` ``(..., T, T)`` — a user's method
+    that gets it wrong is told so, not left to the combine's shape errors."""
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(G.shape[:-1]) or not w.is_floating_point():
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(
+            f"{name}'s weights must be a floating-point tensor of shape {tuple(G.shape[:-1])} (one per task"
+            f"{', per block' if G.dim() > 2 else ''}) for G of shape {tuple(G.shape)}, got {got}"
+        )
+    return w
 
 
 def _scaled(losses: Losses, scaler: Any) -> Losses:

@@ -284,3 +284,50 @@ def test_tiny_but_nonzero_gradients_make_a_parameter_shared() -> None:
     assert opt.last_weights is not None  # the trunk was in the surgery
     grads = torch.cat([p.grad.reshape(-1) for p in trunk]).double()
     torch.testing.assert_close(grads, F.mgda(J), rtol=1e-5, atol=1e-12)
+
+
+def test_tasks_per_step_with_reduction_mean_divides_by_the_number_of_tasks() -> None:
+    model = Model(tasks=3)
+    losses = model.losses(0)
+    plain = [g / 3 for g in torch.autograd.grad(sum(losses), list(model.trunk.parameters()), retain_graph=True)]
+    opt = gs.Sum(torch.optim.SGD(model.parameters(), lr=0.0), reduction="mean", tasks_per_step=2)
+    opt.backward(losses)
+    for p, g in zip(model.trunk.parameters(), plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_stateful_method_of_your_own_updates_its_state_once_per_step() -> None:
+    from gradsurgery.methods.spec import Method, State
+
+    def init(T: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"ema": torch.zeros(T, dtype=torch.float64, device=device)}
+
+    def ema_weights(G: torch.Tensor, *, reduction: str = "sum", state: dict[str, torch.Tensor]):
+        d = G.diagonal(dim1=-2, dim2=-1).double()
+        new = torch.where(state["ema"] == 0, d, 0.5 * state["ema"] + 0.5 * d)
+        return new.clamp_min(1e-30).rsqrt(), {"ema": new}
+
+    EMA = gs.wrapper_class(Method("EMA", None, ema_weights, doc="EMA of the squared norms.", state=State(init, "ema")))
+    model = Model()
+    trunk = list(model.trunk.parameters())
+    opt = EMA(torch.optim.SGD(model.parameters(), lr=0.0))
+    rows = None
+    for micro in range(2):
+        losses = model.losses(micro)
+        step_rows = torch.stack([_flat_grads(trunk, loss) for loss in losses])
+        rows = step_rows if rows is None else rows + step_rows
+        opt.backward(losses)
+    assert rows is not None
+    torch.testing.assert_close(opt._outcome.method_state["ema"], (rows @ rows.T).diagonal(), rtol=1e-5, atol=0)  # noqa: SLF001
+
+
+def test_a_method_of_your_own_with_weights_of_the_wrong_shape_is_told_so() -> None:
+    class Wrong(gs.GradSurgery):
+        uses_loss_values = False
+
+        def weights(self, G: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+            return torch.ones(G.shape[-1] + 1, dtype=torch.float64)
+
+    model = Model()
+    with pytest.raises(ValueError, match=r"Wrong's weights must be a floating-point tensor of shape \(3,\)"):
+        Wrong(torch.optim.SGD(model.parameters(), lr=0.1)).backward(model.losses(0))

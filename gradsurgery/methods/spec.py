@@ -7,7 +7,7 @@ Each method file ends with one ``METHOD = Method(...)``, and ``methods/__init__.
 
 The weights function is pure math on the Gram matrix (see DESIGN.md)::
 
-    weights(G, *, reduction, **options, [losses=], [generator=], [solve=], [**state]) -> w | (w, state)
+    weights(G, *, reduction, **options, [losses=], [generator=], [solve=], [state=]) -> w | (w, state)
 
 ``G`` is ``(T, T)``, or a batch ``(..., T, T)`` of independent problems (``granularity=`` solves one
 per block in one call); ``w`` is ``(T,)`` (``(..., T)``) float64 on ``G``'s device, each entry what the
@@ -16,7 +16,8 @@ a mean); ``reduction="mean"`` divides by ``T``. A method's options are typed for
 signatures and the type stubs by their checks (or ``Option(annotation=)``).
 ``losses`` is passed only to methods that read the loss values, ``generator`` to those that draw
 random numbers, ``solve`` (a fused single-program Triton solve, or ``None``) to those that have one,
-and the state tensors, by name, to stateful methods, which return ``(w, new_state)``.
+and ``state=`` (the dict of the method's state tensors, as ``State.init`` made them) to stateful
+methods, which return ``(w, new_state)``. The wrappers check that ``w`` has one entry per task.
 """
 
 from __future__ import annotations
