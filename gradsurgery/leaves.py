@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .grads import accumulate_plain
-from .prepare import REENTRANT_CHECKPOINT, is_reentrant_checkpoint
+from .prepare import REENTRANT_CHECKPOINT, _walk, is_reentrant_checkpoint
 
 
 @dataclass
@@ -45,15 +45,7 @@ def beyond(roots: list[torch.Tensor], params: list[torch.Tensor]) -> Beyond:
     leaves: list[torch.Tensor] = []
     hooked: list[torch.Tensor] = []
     reentrant = False
-    # The walk inlined (it runs on every backward: tens of µs on small graphs count).
-    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.extend(child for child, _ in node.next_functions if child is not None)
+    for node in _walk(roots):
         variable = getattr(node, "variable", None)
         if variable is None:
             reentrant = reentrant or is_reentrant_checkpoint(node)

@@ -24,7 +24,7 @@ from .grads import Written, accumulate_plain, grad_peaks
 from .hints import LossWeightingDiagnostics
 from .methods.spec import Objective
 from .optim import MethodWrapper, state_tasks
-from .prepare import Losses, all_params, check_losses, check_real, eager, outside_autocast
+from .prepare import Losses, all_params, check_losses, check_real, check_scaler_policy, check_task_count, eager, outside_autocast
 
 
 # Options of the gradient methods that mean nothing without per-task gradients.
@@ -90,24 +90,18 @@ class LossWeightingWrapper(MethodWrapper):
     def _backward_objective(self, losses: Losses, features: torch.Tensor | None, scaler: Any) -> None:
         if features is not None:
             raise ValueError(f"{self.method.name} weights the losses, not gradients: it takes no features=")
-        if scaler is not None and self.nonfinite == "skip":
-            raise ValueError(
-                "nonfinite='skip' with a GradScaler: the scaler must see the overflow to skip the step and back off; "
-                "use nonfinite='propagate' (the AMP setting)"
-            )
+        if scaler is not None:
+            check_scaler_policy(self.nonfinite)
         loss = self._objective()
         checked = check_losses(losses)
         T = len(checked)
         if self.num_tasks is not None and T != self.num_tasks:
             raise ValueError(f"got {T} losses, but {self.method.name} was built for num_tasks={self.num_tasks}")
-        if self._layout.checkpoint_tasks is not None and T != self._layout.checkpoint_tasks:
-            raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._layout.checkpoint_tasks}")
         accumulation = self._accumulation
         # Whoever cleared or changed .grad since the last call (model.zero_grad() included) ends the
         # accumulation: a skipped batch is then forgotten, and the number of tasks may change.
         accumulating = accumulation.continues()
-        if accumulating and accumulation.tasks is not None and T != accumulation.tasks:
-            raise ValueError(f"got {T} losses, but {accumulation.tasks} were accumulated since the gradients were last cleared")
+        check_task_count(T, accumulation.tasks if accumulating else None, self._layout.checkpoint_tasks)
         if not accumulating:
             accumulation.start()
             self._step_start = self._draws_and_state()

@@ -34,7 +34,9 @@ from .prepare import (
     all_params,
     check_losses,
     check_real,
+    check_scaler_policy,
     check_shared,
+    check_task_count,
     one_tensor,
     eager,
     nonfinite_tasks,
@@ -496,13 +498,7 @@ class GradSurgery(torch.optim.Optimizer):
         if not isinstance(losses, (list, tuple, torch.Tensor)) and isinstance(losses, Iterator):
             losses = list(losses)  # read once, by the checks here and the path below
         if scaler is not None:
-            if self.nonfinite == "skip":
-                # A skipped batch leaves .grad as it was: the scaler then sees no inf, never backs off,
-                # and with cleared gradients cannot step at all.
-                raise ValueError(
-                    "nonfinite='skip' with a GradScaler: the scaler must see the overflow to skip the step and back off; "
-                    "use nonfinite='propagate' (the AMP setting)"
-                )
+            check_scaler_policy(self.nonfinite)
             losses = _scaled(losses, scaler)
         try:
             checked = check_losses(losses)
@@ -580,10 +576,9 @@ class GradSurgery(torch.optim.Optimizer):
                 "shared parameters, or pass the losses as separate tensors"
             )
         self._slots = drawn
-        if drawn is not None and self._layout.checkpoint_tasks is not None:
+        if drawn is not None:
             # The full step below sees k slots: a loaded checkpoint's T is checked here, against the T losses.
-            if T != self._layout.checkpoint_tasks:
-                raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {self._layout.checkpoint_tasks}")
+            check_task_count(T, None, self._layout.checkpoint_tasks)
             self._layout.checkpoint_tasks = None
         try:
             self._backward_full(losses if drawn is None else pseudo_losses(losses, drawn), features)
@@ -1054,12 +1049,16 @@ class MethodWrapper(GradSurgery):
             # One state per block with granularity=, one in all otherwise: a checkpoint of the other
             # kind, or of another number of blocks, would be dropped or fail at the next backward.
             initial = self.method.state.init(tasks, torch.device("cpu"))
-            blocks = {tuple(saved[k].shape[: saved[k].dim() - v.dim()]) for k, v in initial.items() if k in saved}
+            shapes = {tuple(saved[k].shape[: saved[k].dim() - v.dim()]) for k, v in initial.items() if k in saved}
+            theirs = shapes.pop() if len(shapes) == 1 else None
             buffer = self._layout.buffer
-            mine = None if self._layout.granularity is None else (len(buffer.blocks.blocks),) if buffer is not None and buffer.blocks is not None else "blocks"
-            theirs = blocks.pop() if len(blocks) == 1 else None
-            if theirs is None or (mine is None) != (theirs == ()) or (isinstance(mine, tuple) and mine != theirs):
-                here = "one block (granularity='all')" if mine is None else f"blocks {mine}"
+            if self._layout.granularity is None:
+                mine: tuple[int, ...] | None = ()
+            else:  # the number of blocks is known from the first backward on
+                mine = (len(buffer.blocks.blocks),) if buffer is not None and buffer.blocks is not None else None
+            fits = theirs is not None and (theirs == mine if mine is not None else theirs != ())
+            if not fits:
+                here = "one block (granularity='all')" if mine == () else f"blocks {mine or 'per block'}"
                 raise ValueError(
                     f"checkpoint's {self.method.name} state has block shape {theirs} but this wrapper has {here}: "
                     "load it into a wrapper with the granularity it was saved with"

@@ -104,10 +104,7 @@ def prepare(
     accumulate = accumulation.continues()
     checked = check_losses(losses)
     T = len(checked)
-    if accumulate and T != accumulation.tasks:
-        raise ValueError(f"got {T} losses, but {accumulation.tasks} were accumulated since the gradients were last cleared")
-    if layout.checkpoint_tasks is not None and T != layout.checkpoint_tasks:
-        raise ValueError(f"got {T} losses, but the loaded checkpoint was trained with {layout.checkpoint_tasks}")
+    check_task_count(T, accumulation.tasks if accumulate else None, layout.checkpoint_tasks)
     params = [p for p in all_params(optimizer) if p.requires_grad]
     if not params:
         raise ValueError("the optimizer holds no parameter that requires grad")
@@ -520,6 +517,25 @@ def check_shared(shared: Iterable[torch.Tensor] | torch.nn.Module, params: list[
             raise ValueError(f"shared[{index}] (shape {tuple(p.shape)}) is listed twice")
         ids.add(id(p))
     return ids
+
+
+def check_task_count(num_tasks: int, accumulated: int | None, checkpoint: int | None) -> None:
+    """Refuse ``num_tasks`` losses where the accumulation under way or a loaded checkpoint has another
+    number of tasks (``None``: nothing to agree with)."""
+    if accumulated is not None and num_tasks != accumulated:
+        raise ValueError(f"got {num_tasks} losses, but {accumulated} were accumulated since the gradients were last cleared")
+    if checkpoint is not None and num_tasks != checkpoint:
+        raise ValueError(f"got {num_tasks} losses, but the loaded checkpoint was trained with {checkpoint}")
+
+
+def check_scaler_policy(nonfinite: str) -> None:
+    """A GradScaler must see an overflow to skip the step and back off: ``"skip"`` would hide it
+    (a skipped batch leaves ``.grad`` as it was; with cleared gradients the scaler cannot step at all)."""
+    if nonfinite == "skip":
+        raise ValueError(
+            "nonfinite='skip' with a GradScaler: the scaler must see the overflow to skip the step and back off; "
+            "use nonfinite='propagate' (the AMP setting)"
+        )
 
 
 def check_losses(losses: Losses) -> list[torch.Tensor]:
