@@ -25,7 +25,9 @@ blocks of columns (:func:`equal_blocks`): the per-block Gram matrices
 per-block combine (``backend.combine_blocks``) and the three in a row, each beside the same on one
 block (``backend.gram``, the weights on ``(T, T)``, ``backend.combine``): at ``T = 8`` for
 ``P ∈ {1M, 4M, 16M}`` and at ``T ∈ {2, 32}`` for ``P = 4M``, one interleaved run each
-(:func:`block_variants`). Target: 64 blocks ≤ 1.10× one block at ``T = 8``.
+(:func:`block_variants`). Target: 64 blocks ≤ 1.10× one block at ``T = 8``. Beside them, for
+``3 ≤ T ≤ 10``, the least an exact face enumeration of the 64 problems costs (:func:`enumeration_floor`),
+against what the target leaves the 64 blocks' weights.
 
     python -m bench.bench_aggregation              # all three, ~7 minutes on 1 thread
     python -m bench.bench_aggregation --quick      # small sizes, seconds (a smoke test)
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import time
 import warnings
@@ -54,6 +57,9 @@ from bench import harness
 from bench.methods import CAGRAD_C, ORIGINAL, aggregate_function, lookup, names_of, weights_function
 from gradsurgery import backend
 from gradsurgery.kernels.blocks import BlockLayout
+from gradsurgery.methods import _supports
+from gradsurgery.methods._common import normalized
+from gradsurgery.methods._cone import padded
 from bench.peers import torchjd_aggregator, torchjd_peer, torchjd_weighting
 
 BLOCKS = 64  # the blocks benchmark's number of blocks
@@ -119,6 +125,35 @@ def block_variants(
         variants[f"agg1-{m}"] = one
         variants[f"agg{B}-{m}"] = per_block
     return variants
+
+
+def enumeration_floor(G: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The least work of an exact face enumeration for the ``(B, T, T)`` stack ``G`` (``3 ≤ T ≤ 10``), each
+    part on inputs built beforehand, so that only that part is timed: ``floor-chains``, the
+    ``binom(T, ⌊T/2⌋)`` Cholesky factorisations of ``(T − 1) × (T − 1)`` matrices per problem that any
+    enumeration needs (one factorisation serves the faces of one nested chain, and a chain holds one
+    ``⌊T/2⌋``-element face: Sperner), padded as ``methods._supports`` pads them; ``floor-select``, the
+    choice of each problem's best feasible candidate among its ``2^T − T − 1`` faces' solutions, which
+    every enumeration ends with. ``methods._supports`` does both, and builds the systems and solves them.
+    """
+    B, T = G.shape[0], G.shape[-1]
+    Gn = normalized(G.to(torch.float64))
+    points = _supports.min_norm(Gn)[:, None, :].expand(B, 2**T - T - 1, T).contiguous()
+    # The Gram matrix of the gradients' differences from the first (positive definite for independent
+    # gradients), one copy per chain, padded to whole 64-byte rows.
+    base = Gn[:, 1:, 1:] - Gn[:, 1:, :1] - Gn[:, :1, 1:] + Gn[:, :1, :1]
+    width = padded(T - 1)
+    base = torch.nn.functional.pad(base, (0, width - (T - 1), 0, width - (T - 1)))
+    base.diagonal(dim1=-2, dim2=-1)[:, T - 1 :] = 1.0
+    chains = base[:, None].expand(B, math.comb(T, T // 2), width, width).contiguous()
+    return {"floor-chains": lambda: torch.linalg.cholesky_ex(chains), "floor-select": lambda: _select(points, Gn)}
+
+
+def _select(points: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Each problem's feasible candidate ``(B, K, T)`` of least ``wᵀGw``: the objective, the feasibility
+    test and the choice, nothing else (``_supports._best`` also clips, normalises and adds the vertices)."""
+    values = _supports._quadratic(points, G)
+    return torch.where((points >= 0).all(dim=-1), values, float("inf")).argmin(dim=-1)
 
 
 def torchjd_aggregators(methods: tuple[str, ...], T: int) -> tuple[dict[str, object], dict[str, str]]:
@@ -375,6 +410,9 @@ def bench_blocks(args: argparse.Namespace) -> list[list[object]]:
     for T, P in args.blocks_cases:
         J = make_J(T, P)
         variants = block_variants(J, ORIGINAL, blocks=B)
+        exact = 3 <= T <= _supports.MAX_TASKS  # where CAGrad and MGDA enumerate the faces
+        if exact:
+            variants.update(enumeration_floor(backend.gram_blocks(J, equal_blocks(P, B))))
         inner = _inner_counts(variants)
         started = time.perf_counter()
         times = harness.interleave(
@@ -407,6 +445,11 @@ def bench_blocks(args: argparse.Namespace) -> list[list[object]]:
                 - (ms[f"gram{B}"] - ms["gram1"])
                 - (ms[f"combine{B}"] - ms["combine1"]),
                 "bound": BLOCKS_BOUND if T == 8 else None,
+                # what the 64 blocks' weights may take in all, against the least an exact enumeration costs
+                "weights_allowed_ms": (BLOCKS_BOUND - 1) * ms[f"agg1-{m}"]
+                - (ms[f"gram{B}"] - ms["gram1"])
+                - (ms[f"combine{B}"] - ms["combine1"])
+                + ms[f"weights1-{m}"],
                 "met": None if T != 8 else "yes" if all(within) else "no" if not any(within) else "mixed",
             }
             table.append(
@@ -416,6 +459,7 @@ def bench_blocks(args: argparse.Namespace) -> list[list[object]]:
                     ms[f"combine{B}"], ratios[m]["met"],
                 ]
             )  # fmt: skip
+        floor = {part: ms[f"floor-{part}"] for part in ("chains", "select")} if exact else None
         harness.record(
             args.out,
             {
@@ -432,12 +476,23 @@ def bench_blocks(args: argparse.Namespace) -> list[list[object]]:
                 "on (T, T), backend.combine); torch path (CPU)",
                 "phases": phases,
                 "ratios": ratios,
+                # enumeration_floor's parts (ms, medians); chains + select: the least an exact enumeration costs
+                "enumeration_floor_ms": floor,
                 "inner_calls": inner,
                 "wall_s": elapsed,
                 "variants": summary,
             },
         )
         print(f"  blocks T={T} P={P / 1e6:g}M: {elapsed:.0f}s, {summary['gram1']['rounds']} rounds", flush=True)
+        if floor is not None:
+            allowed = ", ".join(
+                f"{m} {ratios[m]['weights_allowed_ms']:.2f} (takes {ms[f'weights{B}-{m}']:.2f})" for m in ORIGINAL if m != "pcgrad"
+            )
+            print(
+                f"    the {B} weights may take (ms): {allowed}; an exact enumeration needs at least "
+                f"{floor['chains'] + floor['select']:.2f} (chains {floor['chains']:.2f} + select {floor['select']:.2f})",
+                flush=True,
+            )
         del J, variants
         gc.collect()
     return table

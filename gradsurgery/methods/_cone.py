@@ -23,12 +23,14 @@ largest entry (the solution is positively homogeneous in ``u``), so both ``G`` a
 
 - **Up to** ``MAX_TASKS`` **tasks: exact.** By Carathéodory's theorem for cones (as in Lawson and
   Hanson's NNLS) one minimiser has linearly independent gradients on its *free set*
-  ``F = {i : μ_i > 0}``; on it ``G_FF μ_F = −(Gu)_F``, ``μ_A = 0`` elsewhere. Every free set is solved
-  in one batched Cholesky factorisation (``2^T`` padded systems, identity rows outside ``F``; a
-  singular face fails to factorise or gives a candidate far from optimal) and the candidate with the
-  smallest natural residual wins (the first of equals: ``F = ∅``, ``v = u``, comes first, so gradients
-  that conflict with nothing come back exactly unchanged). ``2^T`` grows: the interior point below is
-  cheaper from 10 tasks on for ``T`` right-hand sides (UPGrad), from 11 for one (measured on a CPU).
+  ``F = {i : μ_i > 0}``; on it ``G_FF μ_F = −(Gu)_F``, ``μ_A = 0`` elsewhere. Every free set is solved,
+  the ``2^T`` of them from ``binom(T, ⌊T/2⌋)`` batched Cholesky factorisations (the free sets are the
+  prefixes of that many orders of the tasks, see ``_exact``; a singular face fails to factorise or
+  gives a candidate far from optimal), and the candidate with the smallest natural residual wins (the
+  first of equals: ``F = ∅``, ``v = u``, comes first, so gradients that conflict with nothing come back
+  exactly unchanged). The work grows like ``2^T``: the interior point below was cheaper from 10 tasks
+  on for ``T`` right-hand sides (UPGrad), from 11 for one, with one factorisation per free set
+  (measured on a CPU); the chains only move that crossover up.
 - **Beyond: an interior point finished on its face.** A primal–dual interior-point method
   (Mehrotra's predictor–corrector on the complementarity problem above, one Cholesky factorisation
   of ``G + diag(λ/μ)`` per iteration for all right-hand sides at once) runs a fixed ``max_iter``
@@ -180,29 +182,89 @@ def _pick(candidates: torch.Tensor, Gp: torch.Tensor, Us: torch.Tensor) -> torch
 # ---------------------------------------------------------------- exact: every free set at once
 
 
+def symmetric_chains(size: int) -> list[list[tuple[int, ...]]]:
+    """A symmetric chain decomposition of the subsets of ``{0..T−1}`` (de Bruijn et al.): nested chains,
+    each growing by one task at a time, that hold every subset once. There are ``binom(T, ⌊T/2⌋)``, the
+    fewest any such cover can have (each chain holds one ``⌊T/2⌋``-subset)."""
+    chains: list[list[tuple[int, ...]]] = [[()]]
+    for task in range(size):
+        grown = []
+        for chain in chains:
+            grown.append(chain + [chain[-1] + (task,)])
+            if len(chain) > 1:
+                grown.append([subset + (task,) for subset in chain[:-1]])
+        chains = grown
+    return chains
+
+
+def chain_orders(size: int) -> list[list[int]]:
+    """Per chain of ``symmetric_chains``, an order of the tasks whose prefixes are the chain's subsets."""
+    orders = []
+    for chain in symmetric_chains(size):
+        order = list(chain[0])
+        for subset in chain[1:]:
+            order += [task for task in subset if task not in order]
+        orders.append(order + [task for task in range(size) if task not in order])
+    return orders
+
+
 @functools.lru_cache(maxsize=32)
-def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every free set ``F ⊆ {0..T−1}`` (``2^T`` of them, ``∅`` first): its mask ``(2^T, T, 1)``, where its
-    system takes ``G`` ``(2^T, T, T)`` and the system's constant part (identity rows outside ``F``); shared
-    by every entry of a batch."""
-    codes = torch.arange(1 << size, dtype=torch.int64)
-    masks = ((codes[:, None] >> torch.arange(size)) & 1).to(torch.float64).to(device)
-    return masks[:, :, None], masks[:, :, None] * masks[:, None, :], torch.diag_embed(1.0 - masks)
+def _free_set_chains(size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For ``_exact``: each free set ``F ≠ ∅`` once, as ``c·T + |F| − 1`` (``F`` a prefix of chain ``c``'s
+    order) ``(2^T − 1,)``; that order's inverse ``(2^T − 1, T)``; each order padded to ``W = padded(T)``
+    with ``T`` (the padding row of a table), ``(C·W,)``; and where each order's padded matrix is in the
+    table ``[G_ij]`` with that one more row and column, ``(C·W·W,)``."""
+    orders = chain_orders(size)
+    supports = [c * size + len(subset) - 1 for c, chain in enumerate(symmetric_chains(size)) for subset in chain if subset]
+    order = torch.tensor(orders, dtype=torch.int64)
+    support = torch.tensor(supports, dtype=torch.int64)
+    positions = torch.nn.functional.pad(order, (0, padded(size) - size), value=size)  # past T − 1: the padding
+    gather = positions[:, :, None] * (size + 1) + positions[:, None, :]
+    cached = (support, order.argsort(dim=1)[support // size], positions.flatten(), gather.flatten())
+    return tuple(t.to(device) for t in cached)
 
 
 def _exact(Gp: torch.Tensor, Us: torch.Tensor) -> torch.Tensor:
-    # Every free set of every entry in one batched factorisation: systems (..., 2^T, T, T). Not padded (see
-    # factorize): each entry's 2^T·T² entries (and 2^T·T·K for the right-hand sides) are a multiple of 8
-    # for T ≥ 2, so every system of every entry starts at the same offset, modulo 64 bytes, as in an
-    # unbatched call (T = 1 is a scalar division).
-    size = Us.shape[-1]
-    masks, inside, template = _all_faces(size, Gp.device)
-    factor, info = torch.linalg.cholesky_ex(torch.addcmul(template, inside, Gp[..., None, :size, :size]))
-    solution = solve(factor, times(Us, Gp).mT[..., None, :, :] * masks)  # −μ: G_FF μ_F = −(Gu)_F
-    # A face that fails to factorise (singular, or indefinite by rounding) means nothing: NaN, which
-    # ranks last.
-    solution = torch.where(info[..., None, None] == 0, solution.neg_(), float("nan"))
-    return _pick(solution.mT, Gp, Us)
+    # Every free set of every entry, from one Cholesky factorisation per chain of free sets
+    # (symmetric_chains): in a chain's order π, G_FF for F = π[:k] is the leading block of G permuted,
+    # whose factor is the leading block of the factor L. With M = L⁻¹ and z = M·(Gu)_π (both
+    # prefix-consistent, M lower triangular), G_FF μ_F = −(Gu)_F is μ_F = −M_kᵀ z_k = −Σ_{j<k} z_j M_j: a
+    # cumulative sum over the rows. A prefix that fails to factorise (singular, or indefinite by rounding)
+    # makes every longer one, a superset, singular too: NaN, which ranks last.
+    size, K = Us.shape[-1], Us.shape[-2]
+    support, inverse, positions, gather = _free_set_chains(size, Gp.device)
+    width = padded(size)
+    batch = Gp.shape[:-2]
+    table = torch.nn.functional.pad(Gp[..., :size, :size], (0, 1, 0, 1)) + corner(size, Gp)
+    C = positions.shape[0] // width
+    systems = torch.unflatten(table.flatten(-2).index_select(-1, gather), -1, (C, width, width))  # (..., C, W, W)
+    factor, info = torch.linalg.cholesky_ex(systems)
+    # (Gu)_π per order, padded with zeros: (..., C, W, K).
+    c = torch.nn.functional.pad(times(Us, Gp), (0, 1)).mT  # (..., T+1, K)
+    projected = torch.unflatten(c.index_select(-2, positions), -2, (C, width))
+    identity = torch.eye(width, size, dtype=Gp.dtype, device=Gp.device).expand(*projected.shape[:-1], size)
+    solved = torch.linalg.solve_triangular(factor, torch.cat((identity, projected), dim=-1), upper=False)[..., :size, :]
+    M, z = solved[..., :size], solved[..., size:]
+    failed = (info[..., None, None] > 0) & (torch.arange(1, size + 1, device=Gp.device)[:, None] >= info[..., None, None])
+    z = torch.where(failed, float("nan"), z)
+    mu = torch.cumsum(z[..., :, None, :] * M[..., :, :, None], dim=-3).neg_()  # (..., C, k − 1, i, K)
+    mu = mu.flatten(-4, -3).index_select(-3, support)  # (..., F, i, K): the free sets, each once, in π's coordinates
+    mu = mu.gather(-2, inverse[:, :, None].expand(*batch, -1, size, K))
+    # F = ∅ (v = u) first: it wins the ties, so gradients that conflict with nothing come back unchanged.
+    candidates = torch.cat((torch.zeros_like(mu[..., :1, :, :]), mu), dim=-3)
+    return _pick(candidates.mT, Gp, Us)
+
+
+@functools.lru_cache(maxsize=32)
+def _corner_of(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    corner = torch.zeros(size + 1, size + 1, dtype=dtype)
+    corner[size, size] = 1.0
+    return corner.to(device)
+
+
+def corner(size: int, like: torch.Tensor) -> torch.Tensor:
+    """``(T+1, T+1)``, 1 at ``[T, T]``: the diagonal of the padding row and column of a gathered table."""
+    return _corner_of(size, like.dtype, like.device)
 
 
 # ---------------------------------------------------------------- beyond: interior point + exact finish

@@ -8,10 +8,12 @@ interior of the face ``S`` and so minimises the objective over that face's affin
     K_S [w; μ] = r,    K_S = [[G_SS, 1], [1ᵀ, 0]]
 
 which is nonsingular exactly when the gradients in ``S`` are affinely independent. So: solve it for
-every support with ``|S| ≥ 2`` (one batched ``solve_ex`` over ``2^T − T − 1`` padded systems, the
-coordinates outside ``S`` pinned to 0 by identity rows), add the ``T`` vertices, keep the candidates
-inside the simplex and return the one with the smallest objective. Any candidate inside the simplex
-is a feasible point, so a spurious one (a nearly singular face) can only lose to the true minimiser.
+every support with ``|S| ≥ 2``, add the ``T`` vertices, keep the candidates inside the simplex and
+return the one with the smallest objective. Any candidate inside the simplex is a feasible point, so a
+spurious one (a nearly singular face) can only lose to the true minimiser. The ``2^T − T − 1`` supports
+take ``binom(T, ⌊T/2⌋)`` Cholesky factorisations, not one each: the supports are the prefixes of that
+many orders of the tasks, and one factorisation per order solves all of its prefixes
+(``_chain_solutions``; 70 for 247 supports at ``T = 8``).
 
 - **MGDA** (``min wᵀGw``): the min-norm point of each affine hull, ``r = (0, 1)``.
 - **CAGrad** (``min wᵀb + φ·sqrt(wᵀGw)`` with ``b = G1/T``): on the hull, for a fixed ``ρ = ‖g_w‖ > 0``
@@ -23,11 +25,11 @@ is a feasible point, so a spurious one (a nearly singular face) can only lose to
   and the minimiser lies on a smaller face). ``s* = 0`` is the kink ``g_w = 0``.
 
 The work is fixed (no iterations, no data-dependent branches, nothing read back to the host) and grows
-as ``2^T·T³``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
+as ``2^T·T²``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
 solve finishes the interior point: ``polish_*`` solve only the few faces that its weights point to and
 keep whichever of them and the interior point is best.
 
-A batch of problems (``G`` ``(..., T, T)``) is one solve over (batch, faces), and each entry picks its
+A batch of problems (``G`` ``(..., T, T)``) is one solve over (batch, orders), and each entry picks its
 own best candidate (the polish, its own faces): an entry gets what it would get alone, bit for bit.
 """
 
@@ -51,11 +53,75 @@ _POLISH_GUESSES = 5
 
 
 @functools.lru_cache(maxsize=32)
-def _all_faces(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_bordered`` for every support with ``|S| ≥ 2`` (shared by every entry of a batch)."""
-    codes = torch.arange(1 << size, dtype=torch.int64)
-    bits = (codes[:, None] >> torch.arange(size)) & 1
-    return _bordered(bits[bits.sum(dim=1) >= 2].to(torch.float64).to(device))
+def _chains(size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The orders of the tasks that ``_chain_solutions`` factorises, ``_cone.chain_orders``, and for them:
+
+    - ``support`` ``(F,)``, ``F = 2^T − T − 1``: each support ``|S| ≥ 2`` once, as ``c·(T−1) + k − 1`` for
+      ``S`` the first ``k + 1`` tasks of chain ``c``'s order, and ``inverse`` ``(F, T)``: that order's inverse;
+    - ``gather_D`` ``(C·W·W,)`` and ``gather_r`` ``(C·W,)``, ``W = _cone.padded(T − 1)``: where each order's
+      padded ``D`` and right-hand side are in the per-base tables of ``_chain_solutions``.
+    """
+    chains = _cone.symmetric_chains(size)
+    order = torch.tensor(_cone.chain_orders(size), dtype=torch.int64)
+    support = torch.tensor(
+        [c * (size - 1) + len(subset) - 2 for c, chain in enumerate(chains) for subset in chain if len(subset) >= 2],
+        dtype=torch.int64,
+    )
+    # Row/column T of a table pads: positions past T − 1 in an order point there.
+    width = _cone.padded(size - 1)
+    others = torch.nn.functional.pad(order[:, 1:], (0, width - (size - 1)), value=size)  # (C, W)
+    base = order[:, :1]
+    gather_D = (base[:, :, None] * (size + 1) + others[:, :, None]) * (size + 1) + others[:, None, :]
+    gather_r = base * (size + 1) + others
+    cached = (support, order.argsort(dim=1)[support // (size - 1)], gather_D.flatten(), gather_r.flatten())
+    return tuple(t.to(device) for t in cached)
+
+
+def _chain_solutions(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Every face's bordered-system solution for ``G`` ``(N, T, T)`` and the right-hand sides
+    ``rhs`` ``(N, T+1, R)``: ``(N, 2^T − T − 1, T, R)``, NaN where the face is (numerically) affinely
+    dependent; a factorisation for each of ``binom(T, ⌊T/2⌋)`` orders of the tasks, not one per face.
+
+    On the face of the first ``k + 1`` tasks of an order ``π``, with ``b = π₀`` and ``w = s·e_b + Eα``
+    (``E``'s columns ``e_{π_i} − e_b``, ``s`` the border's value), the bordered system ``Gw + μ1 = r``,
+    ``1ᵀw = s`` is ``D_k α = (Eᵀ(r − s·G e_b))_k`` with ``D = EᵀGE`` the Gram matrix of the gradients'
+    differences from ``g_b`` (positive definite on a face of affinely independent gradients). One Cholesky
+    factor ``D = LLᵀ`` serves every prefix: ``D_k``'s factor is ``L_k``, so with ``M = L⁻¹`` and
+    ``z = M·Eᵀ(…)`` (both prefix-consistent: ``M`` is lower triangular) ``α_k = M_kᵀ z_k = Σ_{j<k} z_j M_j``,
+    a cumulative sum over the rows. A prefix that does not factorise makes every longer one, a
+    superset, dependent too.
+    """
+    N, size, R = G.shape[0], G.shape[-1], rhs.shape[-1]
+    if size == 1:  # no face beyond the vertex
+        return G.new_empty(N, 0, 1, R)
+    support, inverse, gather_D, gather_r = _chains(size, G.device)
+    n, width = size - 1, _cone.padded(size - 1)
+    # Per base b (N, T, ...): D_b = [G_ij − G_ib − G_bj + G_bb] and Eᵀ(r − s·G e_b) = [r_i − r_b − s(G_ib − G_bb)],
+    # with a last row (and column) of padding: 1 on D_b's diagonal, 0 elsewhere.
+    to_base = G.mT[:, :, :, None] - G.diagonal(dim1=-2, dim2=-1)[:, :, None, None]  # G_ib − G_bb, (N, b, i, 1)
+    tables_D = torch.nn.functional.pad(G[:, None] - to_base - G[:, :, None, :], (0, 1, 0, 1)) + _cone.corner(size, G)
+    r, s = rhs[:, :size], rhs[:, size]
+    tables_r = torch.nn.functional.pad(
+        torch.addcmul(r[:, None] - r[:, :, None], s[:, None, None], to_base, value=-1.0), (0, 0, 0, 1)
+    )
+    # Each order's padded D and right-hand side: one gather each (indexing with a tensor would read it
+    # back on some devices).
+    C = gather_r.shape[0] // width
+    D = torch.unflatten(tables_D.flatten(1).index_select(1, gather_D), 1, (C, width, width))
+    projected = torch.unflatten(tables_r.flatten(1, 2).index_select(1, gather_r), 1, (C, width))  # (N, C, W, R)
+    factor, info = torch.linalg.cholesky_ex(D)
+    # M and z from one triangular solve (the padding is decoupled: see _cone.factorize).
+    identity = torch.eye(width, n, dtype=G.dtype, device=G.device).expand(*projected.shape[:2], width, n)
+    solved = torch.linalg.solve_triangular(factor, torch.cat((identity, projected), dim=-1), upper=False)[..., :n, :]
+    M, z = solved[..., :n], solved[..., n:]
+    # Row j of the factor is valid only before a failed minor (info, 1-based): NaN in z_j reaches every
+    # prefix that uses the row, and only those.
+    failed = (info[..., None, None] > 0) & (torch.arange(2, n + 2, device=G.device)[:, None] > info[..., None, None])
+    z = torch.where(failed, float("nan"), z)
+    alpha = torch.cumsum(z[..., :, None, :] * M[..., :, :, None], dim=-3)  # (N, C, k − 1, i, R)
+    alpha = alpha.flatten(1, 2).index_select(1, support)  # (N, F, n, R): the supports, each once
+    weights = torch.cat((s[:, None, None, :] - alpha.sum(dim=-2, keepdim=True), alpha), dim=-2)  # in π's coordinates
+    return weights.gather(-2, inverse[None, :, :, None].expand(N, -1, size, R))
 
 
 def _bordered(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +189,7 @@ def min_norm(G: torch.Tensor) -> torch.Tensor:
     """``argmin_{w ∈ Δ} wᵀGw`` for a float64 PSD ``G`` ``(..., T, T)`` normalised to O(1), ``T ≤ MAX_TASKS``:
     ``(..., T)``, every face of every entry in one batched solve."""
     with torch.inference_mode():
-        w = _min_norm_among(G, _all_faces(G.shape[-1], G.device), _vertices(G))
+        w = _min_norm_among(G, _every_face(G), _vertices(G))
     return w.clone()  # an ordinary tensor again, usable outside inference mode
 
 
@@ -131,7 +197,7 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Te
     """``argmin_{w ∈ Δ} wᵀb + φ·sqrt(wᵀGw)`` for ``b = G1/T`` (float64, O(1)), ``T ≤ MAX_TASKS``; ``G``
     ``(..., T, T)``, ``b`` ``(..., T)``, ``φ`` ``(...)``."""
     with torch.inference_mode():
-        w = _cagrad_among(G, b, phi, _all_faces(G.shape[-1], G.device), _vertices(G))
+        w = _cagrad_among(G, b, phi, _every_face(G), _vertices(G))
     return w.clone()
 
 
@@ -140,14 +206,14 @@ def polish_min_norm(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     exact minimiser on a face that ``w`` points at: see ``_supports_of``. Per entry of a batch: each
     solves the faces its own ``w`` points at."""
     with torch.inference_mode():
-        polished = _min_norm_among(G, _bordered(_supports_of(w)), w[..., None, :])
+        polished = _min_norm_among(G, _these_faces(G, _bordered(_supports_of(w))), w[..., None, :])
     return polished.clone()
 
 
 def polish_cagrad_dual(G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``polish_min_norm`` for CAGrad's dual problem."""
     with torch.inference_mode():
-        polished = _cagrad_among(G, b, phi, _bordered(_supports_of(w)), w[..., None, :])
+        polished = _cagrad_among(G, b, phi, _these_faces(G, _bordered(_supports_of(w))), w[..., None, :])
     return polished.clone()
 
 
@@ -161,20 +227,36 @@ def _supports_of(w: torch.Tensor) -> torch.Tensor:
     return (w[..., None, :] > thresholds[:, None] * w.amax(dim=-1, keepdim=True)[..., None]).to(w.dtype)
 
 
-def _min_norm_among(G: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor) -> torch.Tensor:
+# Each face's solution (..., K, T, R) for right-hand sides (..., T+1, R).
+FaceSolver = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _every_face(G: torch.Tensor) -> FaceSolver:
+    """Every face of the simplex, ``G`` ``(N, T, T)`` or ``(T, T)``: by chains (``_chain_solutions``)."""
+    if G.dim() == 2:
+        return lambda rhs: _chain_solutions(G[None], rhs.expand(1, *rhs.shape[-2:]))[0]
+    return lambda rhs: _chain_solutions(G, rhs.expand(G.shape[0], *rhs.shape[-2:]))
+
+
+def _these_faces(G: torch.Tensor, faces: tuple[torch.Tensor, ...]) -> FaceSolver:
+    """The faces ``faces`` (``_bordered``), one bordered system each."""
+    return lambda rhs: _face_solutions(G, rhs, faces)
+
+
+def _min_norm_among(G: torch.Tensor, solutions: FaceSolver, feasible: torch.Tensor) -> torch.Tensor:
     rhs = torch.zeros(G.shape[-1] + 1, 1, dtype=G.dtype, device=G.device)
     rhs[-1].fill_(1.0)  # not rhs[-1] = 1.0: on CUDA that copies a host scalar, which waits for the device
-    return _best(_face_solutions(G, rhs, faces)[..., 0], feasible, lambda points: _quadratic(points, G))
+    return _best(solutions(rhs)[..., 0], feasible, lambda points: _quadratic(points, G))
 
 
 def _cagrad_among(
-    G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, faces: tuple[torch.Tensor, ...], feasible: torch.Tensor
+    G: torch.Tensor, b: torch.Tensor, phi: torch.Tensor, solutions: FaceSolver, feasible: torch.Tensor
 ) -> torch.Tensor:
     # Right-hand sides (0, 1) and (−b, 0), side by side: (..., T+1, 2).
     border = torch.zeros(G.shape[-1] + 1, dtype=G.dtype, device=G.device)
     border[-1].fill_(1.0)
     rhs = torch.stack((border.expand(*b.shape[:-1], -1), torch.nn.functional.pad(-b, (0, 1))), dim=-1)
-    w0, w1 = _face_solutions(G, rhs, faces).unbind(dim=-1)
+    w0, w1 = solutions(rhs).unbind(dim=-1)
     phi = phi[..., None]  # one per entry, against its K faces
     margin = phi * phi - _quadratic(w1, G)
     safe_margin = torch.where(margin > 0, margin, torch.ones_like(margin))
