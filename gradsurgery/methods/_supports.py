@@ -25,7 +25,7 @@ many orders of the tasks, and one factorisation per order solves all of its pref
   and the minimiser lies on a smaller face). ``s* = 0`` is the kink ``g_w = 0``.
 
 The work is fixed (no iterations, no data-dependent branches, nothing read back to the host) and grows
-as ``2^T·T²``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
+like ``2^T``: it beats the interior-point solver up to ``MAX_TASKS`` tasks. Beyond, the same face
 solve finishes the interior point: ``polish_*`` solve only the few faces that its weights point to and
 keep whichever of them and the interior point is best.
 
